@@ -1,0 +1,11 @@
+"""The layers, one small file per family; each backward sits right under its forward."""
+from .activation import ReLU, Sigmoid, sigmoid
+from .base import Layer, LayerInputError
+from .concat import Concat
+from .conv import Conv2d, conv2d_naive, same_padding
+from .dropout import Dropout
+from .pool import MaxPool2d
+from .upsample import Upsample2d
+
+__all__ = ["Layer", "LayerInputError", "Conv2d", "conv2d_naive", "same_padding", "MaxPool2d",
+           "Upsample2d", "Concat", "Dropout", "ReLU", "Sigmoid", "sigmoid"]

@@ -1,0 +1,68 @@
+"""Element-wise activations, forward and backward: ReLU and Sigmoid.
+
+Shapes: any; y has the shape of x, and so has dx.
+
+ReLU:     y = max(x, 0)                  dy/dx = 1 where x > 0, else 0
+          (at x = 0 the derivative does not exist; we use 0, as PyTorch does, and the
+          gradient checks draw inputs away from that kink)
+          dx = dy * [x > 0]
+
+Sigmoid:  y = 1 / (1 + exp(-x))          dy/dx = y (1 - y)
+          dx = dy * y * (1 - y)
+          computed without overflow: for x < 0, exp(-x) overflows, so there we use the equal
+          form exp(x) / (1 + exp(x)); both branches only ever exponentiate -|x|.
+
+For training, prefer the loss from the logits (tinyunet.losses.bce_with_logits): it fuses the
+sigmoid into the loss, which is both stabler and simpler (its gradient is sigmoid(z) - t).
+Proofs: tests/test_layers.py and tests/test_torch_oracle.py.
+"""
+from __future__ import annotations
+
+from tinyunet.backend import get_array_module
+
+from .base import Layer
+
+
+def sigmoid(x):
+    """1 / (1 + exp(-x)) without overflow, for any x."""
+    xp = get_array_module(x)
+    e = xp.exp(-xp.abs(x))                       # in (0, 1]: never overflows
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+
+class ReLU(Layer):
+    def __init__(self, name: str | None = None):
+        super().__init__(name)
+        self._positive = None
+        self._dtype = None
+
+    def forward(self, x):
+        self._check_array(x, ndim=None)
+        xp = get_array_module(x)
+        self._positive = x > 0                   # a bool mask: a quarter of x's bytes in float32
+        self._dtype = x.dtype
+        return xp.maximum(x, 0)
+
+    def backward(self, dy):
+        self._check_grad(dy, None if self._positive is None else self._positive.shape, self._dtype)
+        return dy * self._positive
+
+    def dead_fraction(self) -> float:
+        """The share of the last forward's outputs that were zero (their gradient is zero too)."""
+        return 1.0 - float(self._positive.mean()) if self._positive is not None else float("nan")
+
+
+class Sigmoid(Layer):
+    def __init__(self, name: str | None = None):
+        super().__init__(name)
+        self._y = None
+
+    def forward(self, x):
+        self._check_array(x, ndim=None)
+        self._y = sigmoid(x)
+        return self._y
+
+    def backward(self, dy):
+        y = self._y
+        self._check_grad(dy, None if y is None else y.shape, None if y is None else y.dtype)
+        return dy * y * (1 - y)
