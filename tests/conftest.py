@@ -1,0 +1,27 @@
+"""Test configuration shared by every test file.
+
+Hypothesis profiles: "ci" (the default) is derandomized, so a run is reproducible and CI
+cannot go red by chance; "dev" draws more, fresh examples: HYPOTHESIS_PROFILE=dev pytest.
+"""
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", deadline=None, max_examples=200,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip @pytest.mark.gpu tests, with the reason, where no GPU can be used."""
+    from tinyunet.backend import _why_no_gpu
+    reason = _why_no_gpu()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=f"no GPU: {reason}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,58 @@
+"""The backend picks NumPy or CuPy by the arrays, and refuses the GPU with a reason and a fix."""
+import numpy as np
+import pytest
+
+from tinyunet import backend
+from tinyunet.backend import DeviceError
+from tinyunet.layers import Conv2d
+
+
+def test_numpy_arrays_get_numpy():
+    assert backend.get_array_module(np.zeros(2), 3.0, None) is np
+    assert backend.device_of(np.zeros(1)) == "cpu"
+    a = np.arange(3.0)
+    assert backend.to_device(a, "cpu") is a
+
+
+def test_asking_for_the_gpu_without_cupy_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(backend, "_cupy", None)
+    monkeypatch.setattr(backend, "_CUPY_IMPORT_ERROR", "ModuleNotFoundError: No module named 'cupy'")
+    assert not backend.gpu_available()
+    with pytest.raises(DeviceError, match=r"CuPy is not installed.*pip install -e \"\.\[gpu\]\""):
+        backend.to_device(np.zeros(2), "gpu")
+    with pytest.raises(DeviceError, match="device='cpu'"):
+        Conv2d(1, 2, 3).to("gpu")
+
+
+def test_asking_for_the_gpu_without_a_device_says_so(monkeypatch):
+    class FakeCuda:
+        @staticmethod
+        def is_available():
+            return False
+
+    class FakeCupy:
+        cuda = FakeCuda
+        ndarray = type("ndarray", (), {})
+
+    monkeypatch.setattr(backend, "_cupy", FakeCupy)
+    with pytest.raises(DeviceError, match="no CUDA device.*nvidia-smi"):
+        backend.require_gpu()
+
+
+def test_unknown_device_name():
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        backend.to_device(np.zeros(1), "tpu")
+
+
+@pytest.mark.gpu
+def test_layer_moves_to_the_gpu_and_back():
+    import cupy
+    layer = Conv2d(2, 3, 3, seed=0).to("gpu")
+    assert isinstance(layer.params["weight"], cupy.ndarray) and layer.device == "gpu"
+    x = cupy.asarray(np.random.default_rng(0).standard_normal((1, 2, 5, 5)).astype(np.float32))
+    y = layer.forward(x)
+    reference = Conv2d(2, 3, 3, seed=0).forward(cupy.asnumpy(x))
+    np.testing.assert_allclose(cupy.asnumpy(y), reference, rtol=1e-5, atol=1e-5)
+    with pytest.raises(DeviceError, match="input is on the CPU but the parameters are on the GPU"):
+        layer.forward(cupy.asnumpy(x))
+    assert layer.to("cpu").device == "cpu"
