@@ -1,0 +1,662 @@
+"""Membrane data: synthetic slices, ISBI 2012 files, border weights and random training crops.
+
+Conventions (every function here returns them):
+
+    image   (H, W) float32 in [0, 1]   (8-bit files / 255, 16-bit files / 65535)
+    target  (H, W) float32 in {0, 1}   1 = MEMBRANE, the class the model predicts
+
+Label FILES follow the ISBI 2012 challenge: 255 = cell, 0 = membrane. So a label file L
+becomes the target t = (L == 0). Files with {0, 1} values are read the same way (1 = cell,
+0 = membrane); any other value is refused, since it means a JPEG-compressed or resized label.
+
+A Dataset holds images, targets (empty for unlabelled images) and names. Sources:
+    synthetic_membranes(count)           EM-like slices generated here, no files needed (the default)
+    load_folder(path)                    path/image/N.png + path/label/N.png (zhixuhao/unet's layout)
+    load_image_folder(path)              images only, for prediction
+    load_tiff_stack(images, labels)      multi-page TIFFs (the challenge's train-volume.tif)
+    download_isbi2012(cache_dir)         the public slices, verified by sha256, cached
+    resolve_data(spec)                   one entry point: "synthetic", "isbi2012", a folder, TIFFs
+Training helpers: border_weight_map (the U-Net paper's weights) and random_crops / batches.
+
+Proofs: tests/test_data.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageSequence, UnidentifiedImageError
+from scipy import ndimage
+from tqdm import tqdm
+
+DEFAULT_ISBI_URL = "https://raw.githubusercontent.com/zhixuhao/unet/master/data/membrane"
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
+CACHE_ENV = "TINYUNET_CACHE"
+
+
+class DataError(ValueError):
+    """Data that cannot be used as it is; the message names the file and the fix."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A path that was asked for does not exist."""
+
+
+class DownloadError(DataError, ConnectionError):
+    """A file could not be fetched (HTTP error, no network, timeout)."""
+
+
+class ChecksumError(DataError):
+    """A downloaded file does not match its expected sha256; it has been deleted."""
+
+
+# ------------------------------------------------------------------------------------ datasets
+
+@dataclass
+class Dataset:
+    """Images with their targets and names; targets is empty for unlabelled data.
+
+    images[i]: (H_i, W_i) float32 in [0, 1]; targets[i]: same shape, float32 {0, 1} with
+    1 = membrane; names[i]: a file stem such as "7". Sizes may differ between items.
+    """
+    images: list[np.ndarray]
+    targets: list[np.ndarray] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.names:
+            self.names = [str(i) for i in range(len(self.images))]
+        if len(self.names) != len(self.images) or len(self.targets) not in (0, len(self.images)):
+            raise DataError(f"a Dataset needs one name (and one target, if any) per image: got "
+                            f"{len(self.images)} images, {len(self.targets)} targets, {len(self.names)} names")
+        for image, target, name in zip(self.images, self.targets, self.names):
+            if image.shape != target.shape:
+                raise DataError(f"item {name!r}: image {image.shape} and target {target.shape} differ in shape")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.targets)
+
+    def split(self, indices: Sequence[int]) -> "Dataset":
+        """The items at indices, in that order, e.g. dataset.split(range(20)). Proof: test_split_picks_items."""
+        indices = list(indices)
+        return Dataset(images=[self.images[i] for i in indices],
+                       targets=[self.targets[i] for i in indices] if self.targets else [],
+                       names=[self.names[i] for i in indices])
+
+
+def target_from_label(label: np.ndarray, source: str = "label") -> np.ndarray:
+    """Membrane target t = (label == 0) as float32, after checking label values.
+
+    label: (H, W) integers, exactly {0, 255} or {0, 1} (or a subset), where 0 = membrane.
+    source names the file in the error. Proof: test_label_values_are_checked.
+    """
+    values = np.unique(label)
+    if not (set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 1}):
+        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
+        raise DataError(
+            f"label {source} holds the values [{shown}] ({values.size} distinct); a label must hold "
+            "only {0, 255} (255 = cell, 0 = membrane) or {0, 1}. In-between values come from JPEG "
+            "compression or resizing with interpolation: binarize it (255 * (label > 127)) and save it as PNG.")
+    return (label == 0).astype(np.float32)
+
+
+def label_from_target(target: np.ndarray) -> np.ndarray:
+    """The ISBI label file for a target: uint8, 255 = cell, 0 = membrane.
+
+    Proof: test_load_folder_roundtrip_natural_order (save_folder, then load_folder).
+    """
+    return np.where(target > 0.5, 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- synthetic slices
+
+def _smooth_noise(shape: tuple[int, int], scale: float, rng: np.random.Generator) -> np.ndarray:
+    """Smooth random field, values mostly in [-2, 2]: unit normals on a lattice with spacing
+    about `scale` pixels, interpolated by cubic splines."""
+    nodes = [max(2, int(np.ceil(n / scale)) + 1) for n in shape]
+    coarse = rng.standard_normal(nodes)
+    at = np.meshgrid(np.linspace(0, nodes[0] - 1, shape[0]), np.linspace(0, nodes[1] - 1, shape[1]), indexing="ij")
+    return ndimage.map_coordinates(coarse, at, order=3, mode="nearest")
+
+
+def _voronoi_cells(size: int, rng: np.random.Generator) -> np.ndarray:
+    """Cell ids (size, size) int32: a Voronoi tessellation of jittered grid points whose
+    borders are bent by a smooth displacement, so cells are not straight-edged polygons."""
+    spacing = rng.uniform(30, 42)                       # cell diameter in pixels
+    pad = int(spacing) + 8                              # seeds beyond the border, so edge cells look cut
+    canvas = size + 2 * pad
+    per_side = int(np.ceil(canvas / spacing))
+    grid = (np.indices((per_side, per_side)).reshape(2, -1).T + 0.5) * spacing
+    seeds = grid + rng.uniform(-0.42, 0.42, grid.shape) * spacing
+    seeds = np.clip(seeds.round().astype(int), 0, canvas - 1)
+    seed_ids = np.zeros((canvas, canvas), np.int32)
+    seed_ids[seeds[:, 0], seeds[:, 1]] = np.arange(1, len(seeds) + 1)
+    # The nearest seed of every pixel, in one Euclidean distance transform.
+    _, (rows, cols) = ndimage.distance_transform_edt(seed_ids == 0, return_indices=True)
+    cells = seed_ids[rows, cols]
+    bend = [np.arange(size)[:, None] + pad + 5 * _smooth_noise((size, size), 40, rng),
+            np.arange(size)[None, :] + pad + 5 * _smooth_noise((size, size), 40, rng)]
+    return ndimage.map_coordinates(cells, bend, order=0, mode="nearest")
+
+
+def _membranes(cells: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Membrane mask: a closed band around cell borders, at least 3 px wide, whose thickness
+    varies smoothly along it, covering about a share drawn from [0.17, 0.23] of the pixels."""
+    border = np.zeros(cells.shape, bool)
+    border[:, 1:] |= cells[:, 1:] != cells[:, :-1]
+    border[1:, :] |= cells[1:, :] != cells[:-1, :]
+    distance = ndimage.distance_transform_edt(~border)
+    # Dividing by a smooth positive field thickens some stretches and thins others; the
+    # quantile then sets the overall share (the field is continuous, so no ties at the cut).
+    score = distance * np.exp(-0.35 * _smooth_noise(cells.shape, 30, rng))
+    band = score <= np.quantile(score, rng.uniform(0.17, 0.23))
+    return band | (distance <= 1)  # never thinner than 3 px, so every cell stays closed
+
+
+def _organelles(membrane: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Dark ellipses inside cells (vesicles, mitochondria) covering 10-15 % of the pixels,
+    each kept at least 2.5 px from any membrane so the label stays unambiguous."""
+    height, width = membrane.shape
+    clearance = ndimage.distance_transform_edt(~membrane)
+    room = np.flatnonzero(clearance >= 5.0)            # centres where a 2.5-px blob fits
+    blobs = np.zeros(membrane.shape, bool)
+    covered, wanted = 0, rng.uniform(0.10, 0.15) * membrane.size
+    while covered < wanted and room.size:
+        row, col = divmod(int(room[rng.integers(room.size)]), width)
+        major = rng.uniform(2.5, min(9.0, clearance[row, col] - 2.5))
+        minor = major * rng.uniform(0.5, 1.0)
+        angle = rng.uniform(0, np.pi)
+        r0, r1 = max(0, int(row - major) - 1), min(height, int(row + major) + 2)
+        c0, c1 = max(0, int(col - major) - 1), min(width, int(col + major) + 2)
+        dr, dc = np.ogrid[r0 - row:r1 - row, c0 - col:c1 - col]
+        along = (dr * np.cos(angle) + dc * np.sin(angle)) / major
+        across = (-dr * np.sin(angle) + dc * np.cos(angle)) / minor
+        patch = blobs[r0:r1, c0:c1]
+        before = int(patch.sum())
+        patch |= along ** 2 + across ** 2 <= 1
+        covered += int(patch.sum()) - before
+    return blobs
+
+
+def _synthetic_slice(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    cells = _voronoi_cells(size, rng)
+    membrane = _membranes(cells, rng)
+    blobs = _organelles(membrane, rng)
+    # Cells: one grey level each plus fine texture; some cells are as dark as faint membrane.
+    image = rng.uniform(0.55, 0.8, cells.max() + 1)[cells]
+    image = image + 0.15 * ndimage.gaussian_filter(rng.standard_normal(cells.shape), 2)
+    # Membranes and organelles darken the cells, with soft edges.
+    soft_membrane = ndimage.gaussian_filter(membrane.astype(np.float64), 0.7)
+    membrane_tone = 0.22 + 0.06 * _smooth_noise(cells.shape, 20, rng)
+    image = image * (1 - soft_membrane) + membrane_tone * soft_membrane
+    soft_blobs = ndimage.gaussian_filter(blobs.astype(np.float64), 0.8)
+    image = image * (1 - soft_blobs) + rng.uniform(0.12, 0.32) * soft_blobs
+    # Uneven illumination over the whole slice, then the microscope's blur and noise.
+    image = image * (1 + 0.2 * _smooth_noise(cells.shape, size / 1.5, rng))
+    image = ndimage.gaussian_filter(image, 1.0) + rng.normal(0, 0.05, cells.shape)
+    # Quantised to 8 bits, so saving as PNG and loading back gives the same numbers.
+    image = np.round(np.clip(image, 0, 1) * 255) / 255
+    return image.astype(np.float32), membrane.astype(np.float32)
+
+
+def synthetic_membranes(count: int, size: int = 256, seed: int = 0) -> Dataset:
+    """count EM-like slices (size, size) with their membrane targets, generated here.
+
+    Cells are a bent Voronoi tessellation of jittered points; membranes are dark bands of
+    varying thickness between cells (17-23 % of pixels); dark organelles inside cells (10-15 %)
+    are NOT membrane; uneven illumination, blur and noise follow. A global threshold (Otsu)
+    therefore marks organelles and dark cells as membrane, while the membranes' shape is what
+    a U-Net can learn. Slice i depends only on (seed, i), so a longer run extends a shorter one.
+    About 0.05 s per 256x256 slice. Proofs: test_synthetic_is_reproducible,
+    test_synthetic_fools_otsu_and_has_membrane_share.
+    """
+    if int(count) < 1 or int(size) < 32:
+        raise DataError(f"synthetic_membranes needs count >= 1 and size >= 32, got count={count}, size={size}")
+    images, targets = [], []
+    for index in range(int(count)):
+        image, target = _synthetic_slice(int(size), np.random.default_rng([int(seed), index]))
+        images.append(image)
+        targets.append(target)
+    return Dataset(images, targets, [f"synthetic_{index:03d}" for index in range(int(count))])
+
+
+# -------------------------------------------------------------------------------- image files
+
+def natural_key(name: str) -> list:
+    """Sort key that orders numbers by value: 0, 1, 2, ..., 10 (not 0, 1, 10, 2).
+
+    Proof: test_load_folder_roundtrip_natural_order, test_load_image_folder_without_labels.
+    """
+    return [int(part) if part.isdigit() else part.casefold() for part in re.split(r"(\d+)", name)]
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            pages = getattr(opened, "n_frames", 1)
+            page = opened.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise DataError(f"cannot read the image {path} ({type(error).__name__}: {error}). "
+                        "Check that it is a complete PNG/TIFF file; re-export or re-download it.") from None
+    if pages > 1:
+        raise DataError(f"{path} is a stack of {pages} pages, not one image; read it with "
+                        f"load_tiff_stack({str(path)!r}).")
+    return page
+
+
+def _unit_grey(page: Image.Image, source: str) -> np.ndarray:
+    """One Pillow image as (H, W) float32 in [0, 1]."""
+    if page.mode in ("I;16", "I;16B", "I;16L", "I"):
+        values = np.asarray(page, dtype=np.float64)
+        if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
+            raise DataError(f"image {source} is a 32-bit integer image with values outside [0, 65535]; "
+                            "save it as 8- or 16-bit greyscale.")
+        return (values / 65535).astype(np.float32)
+    if page.mode == "F":
+        values = np.asarray(page, dtype=np.float32)
+        if not np.all(np.isfinite(values)) or values.min(initial=0) < 0 or values.max(initial=0) > 1:
+            raise DataError(f"image {source} is a float image with values outside [0, 1]; "
+                            "rescale it to [0, 1] or save it as 8-bit greyscale.")
+        return values.copy()
+    # 1-bit, palette, RGB(A): Pillow's luminance conversion gives 8-bit grey.
+    return np.asarray(page.convert("L"), dtype=np.float32) / 255
+
+
+def _label_values(page: Image.Image) -> np.ndarray:
+    if page.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return np.asarray(page).astype(np.int64)
+    return np.asarray(page.convert("L"))
+
+
+def read_image(path) -> np.ndarray:
+    """An image file as (H, W) float32 in [0, 1] (8-bit / 255, 16-bit / 65535, colour to grey).
+
+    Proof: test_sixteen_bit_and_rgb_images_read_to_unit_range, test_unreadable_image_is_named.
+    """
+    path = Path(path)
+    return _unit_grey(_open(path), str(path))
+
+
+def read_target(path) -> np.ndarray:
+    """A label file (255 = cell, 0 = membrane) as the target (H, W) float32, 1 = membrane.
+
+    Proof: test_label_values_are_checked.
+    """
+    path = Path(path)
+    return target_from_label(_label_values(_open(path)), str(path))
+
+
+def _image_files(folder: Path) -> dict[str, Path]:
+    """Image files of a folder by stem, hidden files and other suffixes ignored."""
+    by_stem: dict[str, Path] = {}
+    for path in folder.iterdir():
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES:
+            if path.stem in by_stem:
+                raise DataError(f"{folder} holds two images named {path.stem!r}: {by_stem[path.stem].name} and "
+                                f"{path.name}; keep one.")
+            by_stem[path.stem] = path
+    return by_stem
+
+
+def _existing_folder(path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        state = "is a file, not a folder" if path.exists() else "does not exist"
+        raise DataNotFoundError(f"{what} {path.resolve()} {state}. Pass a folder (e.g. data/isbi2012/train).")
+    return path
+
+
+def _listing(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def load_folder(path) -> Dataset:
+    """A labelled folder in zhixuhao/unet's layout: path/image/<name>.png, path/label/<name>.png.
+
+    Images and labels pair by file stem and are sorted naturally (0, 1, 2, ..., 10).
+    Refuses, naming the files: images without labels and the reverse, image/label size
+    mismatches, label values other than {0, 255} / {0, 1}, unreadable files.
+    Proofs: test_load_folder_roundtrip_natural_order, test_unpaired_files_are_listed,
+    test_size_mismatch_is_named, test_load_real_isbi_folder.
+    """
+    root = _existing_folder(path, "data folder")
+    image_dir, label_dir = root / "image", root / "label"
+    if not image_dir.is_dir() or not label_dir.is_dir():
+        raise DataNotFoundError(
+            f"{root} needs the subfolders image/ and label/ (zhixuhao/unet's layout: image/0.png with "
+            f"label/0.png, ...). For images without labels use load_image_folder({str(root)!r}).")
+    images, labels = _image_files(image_dir), _image_files(label_dir)
+    unlabelled = sorted(set(images) - set(labels), key=natural_key)
+    orphans = sorted(set(labels) - set(images), key=natural_key)
+    if unlabelled or orphans:
+        problems = ([f"images without a label in {label_dir}: {_listing(unlabelled)}"] if unlabelled else []) + \
+                   ([f"labels without an image in {image_dir}: {_listing(orphans)}"] if orphans else [])
+        raise DataError("; ".join(problems) + ". Images and labels pair by file name; add or remove the odd ones.")
+    if not images:
+        raise DataError(f"{image_dir} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}).")
+    dataset = Dataset([], [], [])
+    for name in sorted(images, key=natural_key):
+        image, target = read_image(images[name]), read_target(labels[name])
+        if image.shape != target.shape:
+            raise DataError(f"image {images[name]} is {image.shape[0]}x{image.shape[1]} (height x width) but "
+                            f"its label {labels[name]} is {target.shape[0]}x{target.shape[1]}; they must match "
+                            "pixel for pixel. Re-export the label at the image's size.")
+        dataset.images.append(image)
+        dataset.targets.append(target)
+        dataset.names.append(name)
+    return dataset
+
+
+def load_image_folder(path) -> Dataset:
+    """Every image of a folder, without labels (for prediction), sorted naturally.
+
+    Proof: test_load_image_folder_without_labels.
+    """
+    folder = _existing_folder(path, "image folder")
+    images = _image_files(folder)
+    if not images:
+        raise DataError(f"{folder} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}).")
+    names = sorted(images, key=natural_key)
+    return Dataset([read_image(images[name]) for name in names], [], names)
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    """Write through a temporary file in the same folder, then rename: an existing file is
+    either left whole or replaced whole, never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_png(array: np.ndarray, path) -> None:
+    """Write a (H, W) uint8 array as a greyscale PNG, atomically (temporary file, then os.replace).
+
+    Proof: test_load_folder_roundtrip_natural_order (no temporary file is left behind).
+    """
+    _atomic_write(Path(path), lambda stream: Image.fromarray(array).save(stream, format="PNG"))
+
+
+def save_folder(dataset: Dataset, path) -> Path:
+    """Write a labelled dataset in zhixuhao/unet's layout: path/image/<name>.png and
+    path/label/<name>.png (255 = cell, 0 = membrane). load_folder reads it back exactly when
+    images are multiples of 1/255 (synthetic ones are). Proof: test_load_folder_roundtrip_natural_order.
+    """
+    root = Path(path)
+    for index, name in enumerate(dataset.names):
+        save_png(np.round(dataset.images[index] * 255).astype(np.uint8), root / "image" / f"{name}.png")
+        if dataset.labelled:
+            save_png(label_from_target(dataset.targets[index]), root / "label" / f"{name}.png")
+    return root
+
+
+# --------------------------------------------------------------------------------- TIFF stacks
+
+def _tiff_pages(path: Path) -> list[Image.Image]:
+    if not path.is_file():
+        raise DataNotFoundError(f"TIFF stack {path.resolve()} does not exist.")
+    try:
+        with Image.open(path) as stack:
+            return [page.copy() for page in ImageSequence.Iterator(stack)]
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise DataError(f"cannot read the TIFF stack {path} ({type(error).__name__}: {error}).") from None
+
+
+def load_tiff_stack(image_path, label_path=None) -> Dataset:
+    """Multi-page TIFF stacks (the challenge's train-volume.tif / train-labels.tif): one
+    item per page, named <stem>_<page>. Labels optional; page counts and sizes must agree.
+    Proof: test_tiff_stack_roundtrip_and_mismatch.
+    """
+    image_path = Path(image_path)
+    pages = _tiff_pages(image_path)
+    names = [f"{image_path.stem}_{index}" for index in range(len(pages))]
+    images = [_unit_grey(page, f"{image_path} page {index}") for index, page in enumerate(pages)]
+    targets = []
+    if label_path is not None:
+        label_path = Path(label_path)
+        label_pages = _tiff_pages(label_path)
+        if len(label_pages) != len(pages):
+            raise DataError(f"{image_path} has {len(pages)} pages but {label_path} has {len(label_pages)}; "
+                            "each image page needs its label page.")
+        for index, (image, page) in enumerate(zip(images, label_pages)):
+            source = f"{label_path} page {index}"
+            target = target_from_label(_label_values(page), source)
+            if target.shape != image.shape:
+                raise DataError(f"{image_path} page {index} is {image.shape[0]}x{image.shape[1]} (height x width) "
+                                f"but {source} is {target.shape[0]}x{target.shape[1]}; they must match.")
+            targets.append(target)
+    return Dataset(images, targets, names)
+
+
+# ------------------------------------------------------------------------ downloading ISBI 2012
+
+def default_cache_dir() -> Path:
+    """$TINYUNET_CACHE/isbi2012 when that variable is set, else ~/.cache/tinyunet/isbi2012.
+
+    Proof: test_shipped_sums_and_default_cache.
+    """
+    root = os.environ.get(CACHE_ENV)
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "tinyunet") / "isbi2012"
+
+
+def isbi2012_sha256() -> dict[str, str]:
+    """The shipped sha256 of the 90 upstream files, by path relative to data/membrane/
+    (tinyunet/isbi2012_sha256.txt, package data). Proof: test_shipped_sums_verify_the_shared_copy.
+    """
+    text = resources.files("tinyunet").joinpath("isbi2012_sha256.txt").read_text()
+    sums = {}
+    for line in text.splitlines():
+        if line.strip():
+            digest, name = line.split(maxsplit=1)
+            sums[name.strip().removeprefix("./")] = digest.lower()
+    return sums
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download_verified(url: str, cache: Path, name: str, expected: str, timeout: float) -> None:
+    """Fetch url into a temporary file beside cache/name, check its sha256, then rename it."""
+    target = cache / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    for chunk in iter(lambda: response.read(1 << 16), b""):
+                        digest.update(chunk)
+                        stream.write(chunk)
+            except urllib.error.HTTPError as error:
+                error.close()
+                raise DownloadError(f"could not download {name} from {url}: HTTP {error.code} {error.reason}. "
+                                    "The file may have moved upstream: pass another base_url, or copy the "
+                                    f"files by hand into {cache}.") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
+                reason = getattr(error, "reason", error)  # a timeout, refused connection, unknown host...
+                raise DownloadError(f"could not download {name} from {url}: {reason}. Without network access, "
+                                    "train on the synthetic data (spec 'synthetic') or a local folder.") from None
+        actual = digest.hexdigest()
+        if actual != expected:
+            raise ChecksumError(f"{name} downloaded from {url} failed verification: expected sha256 {expected}, "
+                                f"got {actual}. The file was deleted; try again, or check base_url.")
+        os.replace(temporary, target)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def download_isbi2012(cache_dir=None, base_url: str = DEFAULT_ISBI_URL, expected_sha256: dict[str, str] | None = None,
+                      timeout: float = 30.0, progress: bool = True) -> Path:
+    """Download the public ISBI 2012 slices (zhixuhao/unet's data/membrane) into cache_dir.
+
+    Fetches every name in expected_sha256 (default: the 90 shipped sums, train/image/N.png,
+    train/label/N.png, test/N.png for N in 0..29) from base_url/<name>. A cached file whose
+    sha256 matches is reused without a request. Each download goes to a temporary file, is
+    verified, then renamed into place; a mismatch deletes it and raises ChecksumError naming
+    the file, the expected and the actual hash. HTTP errors and timeouts raise DownloadError.
+    Returns cache_dir, which then holds train/image, train/label and test (load_folder ready).
+    Proof: test_download_verifies_and_reuses_the_cache, test_download_errors_are_named.
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    sums = isbi2012_sha256() if expected_sha256 is None else dict(expected_sha256)
+    for name in tqdm(sorted(sums, key=natural_key), desc="ISBI 2012", unit="file", disable=not progress):
+        cached = cache / name
+        if cached.is_file() and _sha256(cached) == sums[name].lower():
+            continue
+        _download_verified(f"{base_url.rstrip('/')}/{name}", cache, name, sums[name].lower(), timeout)
+    return cache
+
+
+# ------------------------------------------------------------------------------ one entry point
+
+def resolve_data(spec="synthetic", *, labelled: bool = True, count: int = 30, size: int = 256, seed: int = 0,
+                 cache_dir=None) -> Dataset:
+    """A Dataset from a spec, for scripts:
+
+        "synthetic"                    synthetic_membranes(count, size, seed)  (the default)
+        "isbi2012"                     download_isbi2012(cache_dir), then its train/ folder (30 slices)
+        a folder                       load_folder, or with labelled=False load_image_folder
+                                       (of its image/ subfolder when there is one)
+        (images.tif, labels.tif)       load_tiff_stack; also as one string "images.tif,labels.tif"
+        images.tif with labelled=False load_tiff_stack without labels
+    Proof: test_resolve_data_specs.
+    """
+    if isinstance(spec, str) and "," in spec:
+        spec = tuple(part.strip() for part in spec.split(","))
+    if isinstance(spec, (tuple, list)):
+        if len(spec) != 2:
+            raise DataError(f"a pair of TIFF stacks means (images.tif, labels.tif); got {len(spec)} paths: {spec}")
+        return load_tiff_stack(*spec)
+    text = str(spec)
+    if text == "synthetic":
+        return synthetic_membranes(count, size, seed)
+    if text == "isbi2012":
+        return load_folder(download_isbi2012(cache_dir) / "train")
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise DataNotFoundError(f"data {text!r} is not 'synthetic' or 'isbi2012', and {path.resolve()} does not "
+                                "exist. Pass one of those names, a folder with image/ and label/, or "
+                                "'images.tif,labels.tif'.")
+    if path.is_file():
+        if labelled:
+            raise DataError(f"{path} is a single file, so it has no labels; pass 'images.tif,labels.tif' "
+                            "for training, or labelled=False to predict on it.")
+        return load_tiff_stack(path)
+    if labelled:
+        return load_folder(path)
+    return load_image_folder(path / "image" if (path / "image").is_dir() else path)
+
+
+# ------------------------------------------------------------------------------ border weights
+
+def border_weight_map(target: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
+                      class_balance: bool = True) -> np.ndarray:
+    """The U-Net paper's pixel weights: (H, W) target (1 = membrane) -> (H, W) float32.
+
+        w(x) = w_c(x) + w0 * exp(-(d1(x) + d2(x))^2 / (2 sigma^2))
+
+    d1, d2: distances to the nearest and second-nearest cell, a cell being a 4-connected
+    component of non-membrane pixels (as in tinyunet.metrics). Narrow membranes between two
+    cells get the largest weights, so the loss insists on separating touching cells.
+    w_c: with class_balance, N / (2 N_c) for a pixel of class c (each class carries half the
+    total weight); otherwise 1 (also when only one class is present).
+    Fast: distances to cell k are computed only inside cell k's bounding box grown by
+    margin = sigma * sqrt(2 ln 1e6); a pixel farther than that from its second-nearest cell
+    has a border term below w0 * 1e-6, which is dropped.
+    Proofs: test_border_weights_two_cells_by_hand, test_border_weights_match_brute_force.
+    """
+    target = np.asarray(target)
+    if target.ndim != 2 or not np.isin(target, (0, 1)).all():
+        raise DataError(f"border_weight_map takes one (H, W) target with values {{0, 1}} (1 = membrane), got "
+                        f"shape {target.shape}; convert label files with target_from_label first.")
+    membrane = target == 1
+    height, width = target.shape
+    cells, count = ndimage.label(~membrane)
+    margin = int(np.ceil(sigma * np.sqrt(2 * np.log(1e6))))
+    nearest = np.full(target.shape, np.inf)
+    second = np.full(target.shape, np.inf)
+    for index, box in enumerate(ndimage.find_objects(cells), start=1):
+        rows = slice(max(box[0].start - margin, 0), min(box[0].stop + margin, height))
+        cols = slice(max(box[1].start - margin, 0), min(box[1].stop + margin, width))
+        distance = ndimage.distance_transform_edt(cells[rows, cols] != index)
+        near, far = nearest[rows, cols], second[rows, cols]  # views: updated in place
+        np.minimum(far, np.maximum(near, distance), out=far)
+        np.minimum(near, distance, out=near)
+    border = w0 * np.exp(-((nearest + second) ** 2) / (2 * sigma ** 2))
+    class_weight = np.ones(target.shape)
+    membrane_pixels = int(membrane.sum())
+    if class_balance and 0 < membrane_pixels < target.size:
+        class_weight = np.where(membrane, target.size / (2 * membrane_pixels),
+                                target.size / (2 * (target.size - membrane_pixels)))
+    return (class_weight + border).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ training crops
+
+def random_crops(dataset: Dataset, size: int, batch: int, rng: np.random.Generator,
+                 augment: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of random (size, size) crops: images (B, 1, s, s) and targets (B, 1, s, s), float32.
+
+    Each crop picks an item uniformly, then a corner uniformly among those that fit; augment,
+    when given, is called as augment(image, target, rng) -> (image, target) per crop (e.g.
+    tinyunet.augment.Augmenter). Everything random comes from rng.
+    Proof: test_random_crops_shapes_and_errors.
+    """
+    if not dataset.labelled:
+        raise DataError("random_crops needs a labelled dataset (targets); this one has images only.")
+    if not isinstance(rng, np.random.Generator):
+        raise DataError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
+    smallest = min(range(len(dataset)), key=lambda i: min(dataset.images[i].shape))
+    if size > min(dataset.images[smallest].shape):
+        h, w = dataset.images[smallest].shape
+        raise DataError(f"crop size {size} is larger than image {dataset.names[smallest]!r} ({h}x{w}, height x width); "
+                        f"choose a crop size <= {min(h, w)} (divisible by 16 for the U-Net).")
+    images = np.empty((batch, 1, size, size), np.float32)
+    targets = np.empty((batch, 1, size, size), np.float32)
+    for b in range(batch):
+        index = int(rng.integers(len(dataset)))
+        height, width = dataset.images[index].shape
+        top, left = int(rng.integers(height - size + 1)), int(rng.integers(width - size + 1))
+        image = dataset.images[index][top:top + size, left:left + size]
+        target = dataset.targets[index][top:top + size, left:left + size]
+        if augment is not None:
+            image, target = augment(image, target, rng)
+        images[b, 0], targets[b, 0] = image, target
+    return images, targets
+
+
+def batches(dataset: Dataset, size: int, batch: int, rng: np.random.Generator,
+            augment: Callable | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """An endless stream of random_crops(dataset, size, batch, rng, augment).
+
+    Proof: test_random_crops_shapes_and_errors.
+    """
+    while True:
+        yield random_crops(dataset, size, batch, rng, augment)
