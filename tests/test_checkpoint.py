@@ -1,0 +1,183 @@
+"""Checkpoints: bit-identical resume, atomic saves, clear errors for files that do not fit."""
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+import tinyunet.checkpoint as checkpoint_module
+from tinyunet.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from tinyunet.losses import bce_with_logits
+from tinyunet.optim import SGD, Adam
+from tinyunet.unet import UNet
+
+
+def small_model(seed=0, **overrides):
+    return UNet(**{"base_width": 4, "depth": 2, "dropout": 0.5, "seed": seed, **overrides})
+
+
+def train_steps(model, optimizer, data_rng, steps):
+    """The training loop in miniature: data, augmentation-like noise and dropout all random."""
+    for _ in range(steps):
+        x = data_rng.random((2, 1, 8, 8), dtype=np.float32)
+        target = (data_rng.random((2, 1, 8, 8)) > 0.5).astype(np.float32)
+        _, dlogits = bce_with_logits(model.forward(x), target)
+        model.backward(dlogits)
+        optimizer.step(model.gradients())
+
+
+@pytest.mark.parametrize("optimizer_class", [Adam, SGD])
+def test_resume_is_bit_identical(tmp_path, optimizer_class):
+    """k steps, save, load into fresh objects, k more == 2k steps without a stop, bit for bit."""
+    k = 3
+    straight = small_model()
+    straight_opt = optimizer_class(straight.parameters(), lr=1e-2)
+    train_steps(straight, straight_opt, np.random.default_rng(11), 2 * k)
+
+    first = small_model()
+    first_opt = optimizer_class(first.parameters(), lr=1e-2)
+    data_rng = np.random.default_rng(11)
+    train_steps(first, first_opt, data_rng, k)
+    path = save_checkpoint(tmp_path / "ckpt.npz", first, first_opt, step=k, rngs={"data": data_rng},
+                           extra={"best_dice": 0.5})
+
+    # everything fresh and different: another seed, another lr, another data generator
+    resumed = small_model(seed=99)
+    resumed_opt = optimizer_class(resumed.parameters(), lr=1.0)
+    resumed_rng = np.random.default_rng(12345)
+    loaded = load_checkpoint(path, resumed, resumed_opt, rngs={"data": resumed_rng})
+    assert loaded.step == k and loaded.extra == {"best_dice": 0.5} and resumed_opt.step_count == k
+    train_steps(resumed, resumed_opt, resumed_rng, k)
+
+    for name, value in straight.parameters().items():
+        assert np.array_equal(value, resumed.parameters()[name]), name
+    for key, value in straight_opt.state_dict().items():
+        assert np.array_equal(value, resumed_opt.state_dict()[key]), key
+    # and the resume really needed the checkpoint: without it the parameters differ
+    assert not np.array_equal(small_model(seed=99).parameters()["up1.conv1.weight"],
+                              straight.parameters()["up1.conv1.weight"])
+
+
+def test_model_built_from_saved_config(tmp_path):
+    model = small_model(head_relu=False, padding="valid", depth=1)
+    path = save_checkpoint(tmp_path / "m.npz", model)
+    loaded = load_checkpoint(path)
+    assert loaded.config == model.config and loaded.step == 0
+    for name, value in model.parameters().items():
+        assert np.array_equal(value, loaded.model.parameters()[name])
+
+
+def test_file_holds_no_pickle_and_reads_without_it(tmp_path):
+    model = small_model()
+    path = save_checkpoint(tmp_path / "m.npz", model, Adam(model.parameters()), step=7)
+    with np.load(path, allow_pickle=False) as archive:          # every entry loads without pickle
+        entries = {name: archive[name] for name in archive.keys()}
+    assert all(a.dtype != object for a in entries.values())
+    meta = json.loads(str(entries["__tinyunet__"]))
+    assert meta["step"] == 7 and meta["optimizer"]["class"] == "Adam"
+    assert meta["config"]["base_width"] == 4
+    assert set(meta["model_rngs"]) == {"down2.dropout", "bottom.dropout"}
+    assert "param/down1.conv1.weight" in entries and "optim/m.down1.conv1.weight" in entries
+    assert "optim/v.head.out.bias" in entries
+
+
+def test_crash_during_save_leaves_previous_checkpoint_whole(tmp_path, monkeypatch):
+    model = small_model()
+    path = save_checkpoint(tmp_path / "ckpt.npz", model, step=1)
+    before = path.read_bytes()
+
+    def crash(handle, **arrays):            # writes half a file, then the process "dies"
+        handle.write(before[: len(before) // 2])
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(checkpoint_module.np, "savez", crash)
+    model.parameters()["down1.conv1.weight"] += 1
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, step=2)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert load_checkpoint(path, small_model()).step == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.npz"]   # no temporary left behind
+
+
+def test_mismatch_lists_every_name_expected_against_found(tmp_path):
+    path = save_checkpoint(tmp_path / "wide.npz", small_model(base_width=8))
+    other = small_model(base_width=4)
+    before = other.parameters()["down1.conv1.weight"].copy()
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, other)
+    text = str(info.value)
+    assert "down1.conv1.weight: expected (4, 1, 3, 3), found (8, 1, 3, 3)" in text
+    assert "up1.conv2.bias: expected (4,), found (8,)" in text
+    wide = small_model(base_width=8).parameters()
+    differing = [n for n, p in other.parameters().items() if p.shape != wide[n].shape]
+    assert len(differing) > 20 and all(f"  {n}: expected" in text for n in differing)
+    assert f"({len(differing)} mismatches" in text      # one line per differing array, no more
+    assert np.array_equal(other.parameters()["down1.conv1.weight"], before)   # untouched
+
+    with pytest.raises(CheckpointError, match=r"down3.conv1.weight: expected \(32, 16, 3, 3\), found nothing"):
+        load_checkpoint(path, small_model(base_width=8, depth=3))
+    with pytest.raises(CheckpointError, match="config.head_relu: expected False, found True"):
+        load_checkpoint(path, small_model(base_width=8, head_relu=False))
+
+
+def test_optimizer_mismatches(tmp_path):
+    model = small_model()
+    path = save_checkpoint(tmp_path / "a.npz", model, Adam(model.parameters()))
+    with pytest.raises(CheckpointError, match="optimizer: expected SGD, found Adam"):
+        load_checkpoint(path, model, SGD(model.parameters()))
+    bare = save_checkpoint(tmp_path / "b.npz", model)
+    with pytest.raises(CheckpointError, match="found none"):
+        load_checkpoint(bare, model, Adam(model.parameters()))
+    with pytest.raises(CheckpointError, match=r"rngs\['data'\]: expected a saved generator"):
+        load_checkpoint(bare, model, rngs={"data": np.random.default_rng()})
+
+
+def test_truncated_corrupt_and_foreign_files(tmp_path):
+    model = small_model()
+    good = save_checkpoint(tmp_path / "good.npz", model, Adam(model.parameters()))
+    data = good.read_bytes()
+
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(truncated, model)
+
+    corrupt = tmp_path / "corrupt.npz"                    # flip bytes inside a stored array
+    middle = bytearray(data)
+    for i in range(len(data) // 2, len(data) // 2 + 64):
+        middle[i] ^= 0xFF
+    corrupt.write_bytes(bytes(middle))
+    with pytest.raises(CheckpointError, match="truncated or corrupt|not a tinyunet"):
+        load_checkpoint(corrupt, model)
+
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, weights=np.zeros(3))
+    with pytest.raises(CheckpointError, match="not a tinyunet checkpoint.*load_parameters"):
+        load_checkpoint(foreign, model)
+
+    text = tmp_path / "notes.npz"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match="not a tinyunet checkpoint"):
+        load_checkpoint(text, model)
+
+    pickled = tmp_path / "pickled.npz"                    # an object array needs pickle: refused
+    np.savez(pickled, __tinyunet__=np.array([{"format": "x"}], dtype=object))
+    with pytest.raises(CheckpointError, match="without pickle"):
+        read_checkpoint(pickled)
+
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.npz", model)
+    assert zipfile.is_zipfile(good)
+
+
+def test_bad_arguments(tmp_path):
+    model = small_model()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        save_checkpoint(tmp_path / "no" / "such" / "dir.npz", model)
+    with pytest.raises(TypeError, match="numpy Generator"):
+        save_checkpoint(tmp_path / "x.npz", model, rngs={"data": 3})
+    with pytest.raises(TypeError, match="JSON"):
+        save_checkpoint(tmp_path / "x.npz", model, extra={"f": object()})
