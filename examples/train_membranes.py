@@ -1,0 +1,82 @@
+"""Train the U-Net to segment cell membranes, evaluate it, and keep what a person wants to see.
+
+    python examples/train_membranes.py                          # synthetic EM slices, no download
+    python examples/train_membranes.py --data ../shared/data/isbi2012/train --val 20-23 --minutes 10
+    python examples/train_membranes.py --data isbi2012           # download + verify the ISBI 2012 slices
+    python examples/train_membranes.py --out runs/membranes --resume
+
+Everything lands in the run folder (--out): checkpoint.npz, metrics.json, curves.png,
+montage.png, predictions/ and report.txt. Ctrl-C saves a checkpoint; --resume continues.
+The library side is tinyunet/train.py.
+"""
+import argparse
+import os
+import sys
+
+
+def set_threads(argv) -> None:
+    """--threads must reach the environment before NumPy and Numba load their thread pools."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--threads", type=int, default=None)
+    threads = early.parse_known_args(argv)[0].threads
+    if threads:
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            os.environ[name] = str(threads)
+
+
+def build_parser(d):
+    """The command line, with every default taken from TrainOptions ``d``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--data", default=d.data, help="'synthetic', 'isbi2012' (download), a folder with image/ and "
+        "label/, or 'images.tif,labels.tif'")
+    add("--val", default=d.val, help="validation items, e.g. 20-23 or 1,5,9 (empty: the last 4)")
+    add("--out", default=d.out, help="run folder")
+    add("--steps", type=int, default=d.steps, help="stop after this many steps ...")
+    add("--minutes", type=float, default=d.minutes, help="... or this many minutes of training")
+    add("--crop", type=int, default=d.crop, help="side of the random training crops (divisible by 16)")
+    add("--batch", type=int, default=d.batch)
+    add("--lr", type=float, default=d.lr, help="Adam learning rate (the Keras model's is 1e-4)")
+    add("--augment", default=d.augment, choices=["none", "flips", "keras", "elastic"])
+    add("--border-weights", action="store_true", help="the U-Net paper's border-weighted loss")
+    add("--eval-every", type=int, default=d.eval_every)
+    add("--checkpoint-every", type=int, default=d.checkpoint_every)
+    add("--threshold", type=float, default=d.threshold, help="membrane probability threshold for masks")
+    add("--tta", action="store_true", help="average the 8 flips/rotations when predicting")
+    add("--seed", type=int, default=d.seed)
+    add("--device", default=d.device, choices=["cpu", "gpu"])
+    add("--threads", type=int, default=None, help="CPU threads for BLAS and Numba (default: all cores)")
+    add("--base-width", type=int, default=d.base_width, help="channels of the first level (64: the exact U-Net)")
+    add("--depth", type=int, default=d.depth)
+    add("--no-head-relu", action="store_true", help="remove the ReLU before the sigmoid (the exact Keras "
+        "head keeps it; removing it avoids a dead head)")
+    add("--synthetic-count", type=int, default=d.synthetic_count, help="synthetic slices to generate")
+    add("--resume", action="store_true", help="continue from the checkpoint in --out")
+    add("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    set_threads(argv)
+    from tinyunet.backend import DeviceError
+    from tinyunet.train import TrainOptions, train
+    args = build_parser(TrainOptions()).parse_args(argv)
+    options = TrainOptions(
+        data=args.data, val=args.val, out=args.out, steps=args.steps, minutes=args.minutes, crop=args.crop,
+        batch=args.batch, lr=args.lr, augment=args.augment, border_weights=args.border_weights,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, threshold=args.threshold,
+        tta=args.tta, seed=args.seed, device=args.device, base_width=args.base_width, depth=args.depth,
+        head_relu=not args.no_head_relu, synthetic_count=args.synthetic_count, resume=args.resume,
+        progress=not args.no_progress)
+    try:
+        train(options)
+    except (ValueError, OSError, DeviceError) as error:   # bad input: the message says what to do
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

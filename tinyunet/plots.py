@@ -1,0 +1,68 @@
+"""Pictures of a training run: loss and metric curves, and a montage of predictions.
+
+Drawn with matplotlib's Agg backend (no screen needed) and written atomically (a temporary
+file, then a rename). Proof: tests/test_train.py checks that a run writes both as PNGs.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import numpy as np  # noqa: E402
+
+from tinyunet.infer import overlay  # noqa: E402
+
+
+def save_figure_atomic(figure, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight")
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    finally:
+        plt.close(figure)
+
+
+def save_curves(history: list[dict], path) -> None:
+    """Training loss (left) and validation membrane IoU, Dice, V_Rand (right) against the step."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [h["step"] for h in history]
+    losses = [h["train_loss"] for h in history]
+    left.plot(steps, losses, marker="o")
+    left.set(xlabel="step", ylabel="training loss (BCE, mean over the last evaluation window)",
+             title="loss")
+    for key, label in (("iou_membrane", "membrane IoU"), ("dice", "membrane Dice"),
+                       ("best_v_rand", "best V_Rand"), ("accuracy", "pixel accuracy")):
+        right.plot(steps, [h.get(key, np.nan) for h in history], marker="o", label=label)
+    if history and "majority_accuracy" in history[-1]:
+        right.axhline(history[-1]["majority_accuracy"], color="grey", linestyle=":",
+                      label="majority-class accuracy")
+    right.set(xlabel="step", ylim=(0, 1), title="validation")
+    right.legend(loc="lower right", fontsize=8)
+    save_figure_atomic(figure, path)
+
+
+def save_montage(images, targets, probabilities, names, path, threshold: float = 0.5) -> None:
+    """One row per image: image, truth, probability, thresholded overlay."""
+    rows = len(images)
+    figure, axes = plt.subplots(rows, 4, figsize=(12, 3 * rows), squeeze=False)
+    titles = ("image", "truth (membrane white)", "membrane probability", f"prediction > {threshold}")
+    for row, (image, target, probability, name) in enumerate(zip(images, targets, probabilities, names)):
+        panels = (image, target, probability, overlay(image, probability >= threshold))
+        for col, panel in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(panel, cmap=None if panel.ndim == 3 else "gray", vmin=0, vmax=1)
+            ax.set_axis_off()
+            ax.set_title(f"{titles[col]}" + (f"  [{name}]" if col == 0 else ""), fontsize=9)
+    save_figure_atomic(figure, path)
