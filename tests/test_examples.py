@@ -1,0 +1,66 @@
+"""The example scripts work as a person runs them: arguments in, files out, clear errors."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tinyunet.checkpoint import save_checkpoint
+from tinyunet.unet import UNet
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.npz"
+    save_checkpoint(path, UNet(base_width=4, depth=2, dropout=0.0, seed=0))
+    return path
+
+
+def test_train_membranes_command_line(tmp_path, capsys):
+    train = load_example("train_membranes")
+    code = train.main(["--base-width", "4", "--depth", "2", "--crop", "32", "--steps", "2", "--eval-every", "2",
+                       "--synthetic-count", "3", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    assert (tmp_path / "montage.png").is_file() and (tmp_path / "checkpoint.npz").is_file()
+    assert "Otsu threshold" in capsys.readouterr().out
+
+
+def test_train_membranes_bad_data_is_a_clear_error(tmp_path, capsys):
+    train = load_example("train_membranes")
+    assert train.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_predict_membranes_on_a_folder_a_stack_and_a_file(tmp_path, tiny_checkpoint):
+    predict = load_example("predict_membranes")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    pages = [Image.fromarray((rng.random((20, 28)) * 255).astype(np.uint8)) for _ in range(2)]
+    pages[0].save(folder / "a.png")
+    pages[0].save(tmp_path / "stack.tif", save_all=True, append_images=pages[1:])
+    out = tmp_path / "out"
+    assert predict.main([str(tiny_checkpoint), str(folder), str(tmp_path / "stack.tif"),
+                         str(folder / "a.png"), "--out", str(out)]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert len(written) == 9 and "a_prob.png" in written
+    with Image.open(out / "a_mask.png") as mask:
+        assert mask.size == (28, 20)
+
+
+def test_predict_membranes_errors(tmp_path, tiny_checkpoint, capsys):
+    predict = load_example("predict_membranes")
+    assert predict.main([str(tmp_path / "none.npz"), str(tmp_path)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert predict.main([str(tiny_checkpoint), str(tmp_path / "nothing.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
