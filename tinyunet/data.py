@@ -26,7 +26,6 @@ import hashlib
 import http.client
 import os
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -38,6 +37,8 @@ import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 from scipy import ndimage
 from tqdm import tqdm
+
+from tinyunet.files import atomic_write
 
 DEFAULT_ISBI_URL = "https://raw.githubusercontent.com/zhixuhao/unet/master/data/membrane"
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg")
@@ -376,26 +377,12 @@ def load_image_folder(path) -> Dataset:
     return Dataset([read_image(images[name]) for name in names], [], names)
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Write through a temporary file in the same folder, then rename: an existing file is
-    either left whole or replaced whole, never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def save_png(array: np.ndarray, path) -> None:
     """Write a (H, W) uint8 array as a greyscale PNG, atomically (temporary file, then os.replace).
 
     Proof: test_load_folder_roundtrip_natural_order (no temporary file is left behind).
     """
-    _atomic_write(Path(path), lambda stream: Image.fromarray(array).save(stream, format="PNG"))
+    atomic_write(Path(path), lambda stream: Image.fromarray(array).save(stream, format="PNG"))
 
 
 def save_folder(dataset: Dataset, path) -> Path:
@@ -482,34 +469,31 @@ def _sha256(path: Path) -> str:
 
 
 def _download_verified(url: str, cache: Path, name: str, expected: str, timeout: float) -> None:
-    """Fetch url into a temporary file beside cache/name, check its sha256, then rename it."""
-    target = cache / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as response:
-                    for chunk in iter(lambda: response.read(1 << 16), b""):
-                        digest.update(chunk)
-                        stream.write(chunk)
-            except urllib.error.HTTPError as error:
-                error.close()
-                raise DownloadError(f"could not download {name} from {url}: HTTP {error.code} {error.reason}. "
-                                    "The file may have moved upstream: pass another base_url, or copy the "
-                                    f"files by hand into {cache}.") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
-                reason = getattr(error, "reason", error)  # a timeout, refused connection, unknown host...
-                raise DownloadError(f"could not download {name} from {url}: {reason}. Without network access, "
-                                    "train on the synthetic data (spec 'synthetic') or a local folder.") from None
+    """Fetch url into a temporary file beside cache/name, check its sha256, then rename it
+    (tinyunet/files.py: a failed download or check leaves no file behind)."""
+
+    def fetch_and_verify(stream):
+        digest = hashlib.sha256()
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                for chunk in iter(lambda: response.read(1 << 16), b""):
+                    digest.update(chunk)
+                    stream.write(chunk)
+        except urllib.error.HTTPError as error:
+            error.close()
+            raise DownloadError(f"could not download {name} from {url}: HTTP {error.code} {error.reason}. "
+                                "The file may have moved upstream: pass another base_url, or copy the "
+                                f"files by hand into {cache}.") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as error:
+            reason = getattr(error, "reason", error)  # a timeout, refused connection, unknown host...
+            raise DownloadError(f"could not download {name} from {url}: {reason}. Without network access, "
+                                "train on the synthetic data (spec 'synthetic') or a local folder.") from None
         actual = digest.hexdigest()
         if actual != expected:
             raise ChecksumError(f"{name} downloaded from {url} failed verification: expected sha256 {expected}, "
                                 f"got {actual}. The file was deleted; try again, or check base_url.")
-        os.replace(temporary, target)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
+
+    atomic_write(cache / name, fetch_and_verify, suffix=".part")
 
 
 def download_isbi2012(cache_dir=None, base_url: str = DEFAULT_ISBI_URL, expected_sha256: dict[str, str] | None = None,

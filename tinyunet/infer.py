@@ -16,14 +16,13 @@ receptive field allows it; any size; TTA of a symmetric model).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from tinyunet.backend import to_device, to_numpy
+from tinyunet.files import atomic_write
 from tinyunet.layers.activation import sigmoid
 from tinyunet.unet import output_size
 
@@ -122,23 +121,9 @@ def predict_probability(model, image, tile: int | None = None, margin: int = 32,
 
 # ------------------------------------------------------------------------------ output files
 
-def _save_png_atomic(array, path: Path, mode: str | None = None) -> None:
-    """Write a PNG through a temporary file in the same folder and a rename: a crash never
-    leaves half a file where a good one was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            Image.fromarray(array, mode=mode).save(stream, format="PNG") if mode else \
-                Image.fromarray(array).save(stream, format="PNG")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+def _save_png_atomic(array, path: Path) -> None:
+    """A PNG written all or nothing (tinyunet/files.py)."""
+    atomic_write(path, lambda stream: Image.fromarray(array).save(stream, format="PNG"))
 
 
 def overlay(image, membrane_mask, color=(255, 40, 40), alpha: float = 0.6) -> np.ndarray:

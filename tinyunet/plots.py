@@ -5,31 +5,20 @@ file, then a rename). Proof: tests/test_train.py checks that a run writes both a
 """
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 
+from tinyunet.files import atomic_write  # noqa: E402
 from tinyunet.infer import overlay  # noqa: E402
 
 
 def save_figure_atomic(figure, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    """A figure written as PNG all or nothing (tinyunet/files.py), then closed."""
     try:
-        figure.savefig(temporary, format="png", dpi=100, bbox_inches="tight")
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+        atomic_write(path, lambda stream: figure.savefig(stream, format="png", dpi=100, bbox_inches="tight"))
     finally:
         plt.close(figure)
 

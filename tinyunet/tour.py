@@ -23,9 +23,7 @@ CPU: it finishes in seconds. Tests: tests/test_tour.py.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from scipy.ndimage import gaussian_filter
 
 from tinyunet import kernels
 from tinyunet.backend import DeviceError, get_array_module, require_gpu, to_device, to_numpy
+from tinyunet.files import atomic_write
 from tinyunet.gradcheck import DEFAULT_EPS, numerical_gradient, relative_error
 from tinyunet.layers import (CenterCrop2d, Concat, Conv2d, Dropout, MaxPool2d, ReLU, Sigmoid,
                              Upsample2d, sigmoid)
@@ -442,15 +441,7 @@ def plot_gradients(names, values, t: Tracer, path: Path, title: str) -> None:
     skips.set_title("the two gradients that add at each skip", fontsize=10)
     skips.legend(fontsize=8)
     fig.suptitle(title, fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        fig.savefig(temporary, format="png", dpi=100)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    atomic_write(path, lambda stream: fig.savefig(stream, format="png", dpi=100))
 
 
 def print_dead_relus(model, t: Tracer) -> list:

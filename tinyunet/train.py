@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +33,7 @@ from tqdm import tqdm
 from tinyunet import checkpoint as checkpoints
 from tinyunet.augment import Augmenter
 from tinyunet.backend import check_device_name, require_gpu, to_device, to_numpy
+from tinyunet.files import atomic_write
 from tinyunet.data import Dataset, border_weight_map, random_crops, resolve_data
 from tinyunet.infer import predict_probability, save_prediction
 from tinyunet.losses import bce_with_logits
@@ -110,18 +109,8 @@ def split_data(dataset: Dataset, val: str) -> tuple[Dataset, Dataset]:
 # ------------------------------------------------------------------------------ small helpers
 
 def write_json_atomic(path: Path, value) -> None:
-    """Write JSON through a temporary file and a rename: a crash keeps the previous file whole."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(value, stream, indent=1)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    """JSON written all or nothing: a crash keeps the previous file whole (tinyunet/files.py)."""
+    atomic_write(path, lambda stream: stream.write(json.dumps(value, indent=1).encode()))
 
 
 def head_relu_dead_channels(model, limit: float = 0.95) -> list[tuple[int, float]]:
@@ -322,7 +311,7 @@ class Trainer:
         write_json_atomic(self.run_dir / "final.json", {
             "step": self.step, "train_seconds": round(self.train_seconds, 1), "options": asdict(o),
             "scores": scores})
-        (self.run_dir / "report.txt").write_text(table + "\n")
+        atomic_write(self.run_dir / "report.txt", lambda stream: stream.write((table + "\n").encode()))
         from tinyunet.plots import save_curves, save_montage   # matplotlib only when a run ends
         save_curves(self.history, self.run_dir / "curves.png")
         save_montage(images, targets, np.stack(probabilities), self.val_set.names,
