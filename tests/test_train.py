@@ -83,8 +83,14 @@ def test_a_dead_head_relu_channel_is_detected_and_explained():
     model.forward(np.random.default_rng(0).random((1, 1, 16, 16)).astype(np.float32))
     dead = head_relu_dead_channels(model)
     assert [c for c, _ in dead] == [1] and dead[0][1] == 1.0
-    messages = CollapseWatch(3).check(0.3, dead)
-    assert "DEAD HEAD" in messages[0] and "--no-head-relu" in messages[0]
+    watch = CollapseWatch(3)
+    assert watch.check(0.3, dead) == [] and watch.check(0.3, dead) == []   # may still come back
+    messages = watch.check(0.3, dead)
+    assert "DEAD HEAD" in messages[0] and "channel 1: 100.0% zeros" in messages[0]
+    assert "--no-head-relu" in messages[0]
+    revived = CollapseWatch(2)
+    revived.check(0.3, dead), revived.check(0.3, []), revived.check(0.3, dead)   # a live evaluation resets
+    assert revived.warned == set()
     assert head_relu_dead_channels(UNet(base_width=4, depth=1, head_relu=False)) == []
 
 

@@ -113,7 +113,7 @@ def write_json_atomic(path: Path, value) -> None:
     atomic_write(path, lambda stream: stream.write(json.dumps(value, indent=1).encode()))
 
 
-def head_relu_dead_channels(model, limit: float = 0.95) -> list[tuple[int, float]]:
+def head_relu_dead_channels(model, limit: float = 0.99) -> list[tuple[int, float]]:
     """[(channel, share of zeros)] for the head ReLU's channels that were > ``limit`` zero in
     the last forward. Empty without a head ReLU (head_relu=False or the 'valid' network)."""
     relu = model.head_relu
@@ -125,14 +125,19 @@ def head_relu_dead_channels(model, limit: float = 0.95) -> list[tuple[int, float
 
 
 class CollapseWatch:
-    """Notices when training has stopped learning and says what to do about it."""
+    """Notices when training has stopped learning and says what to do about it.
+
+    Both signs must persist for ``patience`` evaluations in a row: early in training a head
+    channel can be nearly all zero and still come back.
+    """
+
+    ONE_CLASS = 0.002   # a predicted membrane share below this, or above 1 - this, is "one class"
 
     def __init__(self, patience: int):
         self.patience = patience
         self.one_class_streak = 0
+        self.dead_streaks: dict[int, int] = {}
         self.warned = set()
-
-    ONE_CLASS = 0.002   # a predicted membrane share below this, or above 1 - this, is "one class"
 
     def check(self, membrane_share: float, dead_channels) -> list[str]:
         """Messages for the evaluation just made: membrane_share is the share of validation
@@ -148,14 +153,18 @@ class CollapseWatch:
                 f"evaluations in a row: the model is not learning. Try: a lower --lr (e.g. 3e-5), "
                 f"--no-head-relu (a dead head ReLU pins the output), another --seed, or --border-weights "
                 f"(weights the rare membrane class up).")
-        if dead_channels and "dead-head" not in self.warned:
+        shares = dict(dead_channels)
+        self.dead_streaks = {c: self.dead_streaks.get(c, 0) + 1 for c in shares}
+        persistent = [c for c, streak in self.dead_streaks.items() if streak >= self.patience]
+        if persistent and "dead-head" not in self.warned:
             self.warned.add("dead-head")
-            shown = ", ".join(f"channel {c}: {share:.1%} zeros" for c, share in dead_channels)
+            shown = ", ".join(f"channel {c}: {shares[c]:.1%} zeros" for c in persistent)
             messages.append(
-                f"DEAD HEAD: the 2-channel ReLU before the sigmoid is dead ({shown}). Its output is 0 "
-                f"whatever the input, so the logit can hardly move one way and probabilities stay on one "
-                f"side of 0.5. Fix: train with --no-head-relu (removes that ReLU, the fix reported in "
-                f"zhixuhao/unet's issues), or another --seed / a lower --lr.")
+                f"DEAD HEAD: a channel of the 2-channel ReLU before the sigmoid has been dead for "
+                f"{self.patience} evaluations ({shown}). Its output is 0 whatever the input, so the logit "
+                f"can hardly move one way and probabilities stay on one side of 0.5. Fix: train with "
+                f"--no-head-relu (removes that ReLU, the fix reported in zhixuhao/unet's issues), or "
+                f"another --seed / a lower --lr.")
         return messages
 
 
