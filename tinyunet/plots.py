@@ -29,7 +29,7 @@ def save_curves(history: list[dict], path) -> None:
     steps = [h["step"] for h in history]
     losses = [h["train_loss"] for h in history]
     left.plot(steps, losses, marker="o")
-    left.set(xlabel="step", ylabel="training loss (BCE, mean over the last evaluation window)",
+    left.set(xlabel="step", ylabel="training loss (BCE)",
              title="loss")
     for key, label in (("iou_membrane", "membrane IoU"), ("dice", "membrane Dice"),
                        ("best_v_rand", "best V_Rand"), ("accuracy", "pixel accuracy")):
