@@ -61,3 +61,31 @@ def cols_shape(x_shape, kernel, padding, stride):
     (kh, kw), _, _, (oh, ow) = normalize(x_shape, kernel, padding, stride)
     n, c = x_shape[:2]
     return (n, c * kh * kw, oh * ow)
+
+
+def check_out(out, shape, dtype, array_type=None):
+    """Return ``out`` if it can receive a result of ``shape`` and ``dtype``, else raise.
+
+    A reused buffer must be C-contiguous: the kernels write it through flat indices, and a
+    reshape of a non-contiguous array would silently be a copy that the result never reaches.
+    """
+    if array_type is not None and not isinstance(out, array_type):
+        raise TypeError(f"out must be a {array_type.__module__}.{array_type.__name__}, "
+                        f"got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        raise ValueError(f"out has shape {tuple(out.shape)} and dtype {out.dtype}; this call needs "
+                         f"shape {tuple(shape)} and dtype {dtype}")
+    if not is_c_contiguous(out):
+        raise ValueError("out must be C-contiguous (a fresh xp.empty(shape, dtype) is)")
+    return out
+
+
+def is_c_contiguous(a) -> bool:
+    """True when ``a`` (NumPy, CuPy or a Numba device array: anything with shape, strides
+    and dtype) lays its elements out in C order without gaps."""
+    expected = a.dtype.itemsize
+    for size, stride in zip(reversed(a.shape), reversed(a.strides)):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True

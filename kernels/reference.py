@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from tinyunet.backend import get_array_module
 
-from .geometry import normalize
+from .geometry import check_out, normalize
 
 
 def im2col(x, kernel, padding, stride, out=None):
@@ -32,8 +32,8 @@ def im2col(x, kernel, padding, stride, out=None):
     (kh, kw), ((pt, pb), (pl, pr)), (sh, sw), (oh, ow) = normalize(x.shape, kernel, padding, stride)
     n, c = x.shape[:2]
     padded = xp.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if pt or pb or pl or pr else x
-    if out is None:
-        out = xp.empty((n, c * kh * kw, oh * ow), dtype=x.dtype)
+    shape = (n, c * kh * kw, oh * ow)
+    out = xp.empty(shape, dtype=x.dtype) if out is None else check_out(out, shape, x.dtype)
     view = out.reshape(n, c, kh, kw, oh, ow)
     for i in range(kh):
         for j in range(kw):
@@ -46,6 +46,9 @@ def col2im(cols, x_shape, kernel, padding, stride, out=None):
     xp = get_array_module(cols)
     (kh, kw), ((pt, pb), (pl, pr)), (sh, sw), (oh, ow) = normalize(x_shape, kernel, padding, stride)
     n, c, h, w = x_shape
+    if tuple(cols.shape) != (n, c * kh * kw, oh * ow):
+        raise ValueError(f"cols has shape {tuple(cols.shape)}, but x_shape {tuple(x_shape)} with this "
+                         f"geometry needs {(n, c * kh * kw, oh * ow)}")
     padded = xp.zeros((n, c, h + pt + pb, w + pl + pr), dtype=cols.dtype)
     view = cols.reshape(n, c, kh, kw, oh, ow)
     for i in range(kh):
@@ -55,5 +58,5 @@ def col2im(cols, x_shape, kernel, padding, stride, out=None):
     result = padded[:, :, pt:pt + h, pl:pl + w]
     if out is None:
         return xp.ascontiguousarray(result)
-    out[...] = result
+    check_out(out, tuple(x_shape), cols.dtype)[...] = result
     return out

@@ -34,6 +34,8 @@ tests/test_torch_oracle.py (against torch.nn.functional.conv2d).
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from tinyunet import kernels
@@ -99,36 +101,258 @@ class Conv2d(Layer):
     def forward(self, x):
         """x: (N, C, H, W) -> y: (N, F, OH, OW)."""
         self._check_array(x, channels=self.in_channels)
-        xp = get_array_module(x)
         n, _, h, w = x.shape
         pad = resolve_padding(self.padding, self.kernel_size, self.stride, (h, w))
-        _, _, _, (oh, ow) = kernels.normalize(x.shape, self.kernel_size, pad, self.stride)
-        cols = kernels.im2col(x, self.kernel_size, pad, self.stride)    # (N, C*kh*kw, OH*OW)
-        w2 = self.params["weight"].reshape(self.out_channels, -1)       # (F, C*kh*kw)
-        y = xp.matmul(w2, cols)                                        # (N, F, OH*OW)
-        if "bias" in self.params:
-            y += self.params["bias"][:, None]
+        # Y[n] = W2 @ cols[n] + b, or an equivalent formulation: see conv2d_forward below
+        y = conv2d_forward(x, self.params["weight"], self.params.get("bias"), pad, self.stride)
         # Keep x, not cols: recomputing im2col in backward costs a copy, keeping cols for
         # every layer of a U-Net would cost gigabytes.
         self._x, self._geometry = x, pad
-        return y.reshape(n, self.out_channels, oh, ow)
+        return y
 
     def backward(self, dy):
         """dy: (N, F, OH, OW) -> dx: (N, C, H, W); fills grads['weight'] and grads['bias']."""
         x = self._x
         self._check_grad(dy, None if x is None else self.output_shape(x.shape), x.dtype if x is not None else None)
-        xp = get_array_module(dy)
-        n = x.shape[0]
-        pad = self._geometry
-        dy3 = dy.reshape(n, self.out_channels, -1)                      # (N, F, P)
-        cols = kernels.im2col(x, self.kernel_size, pad, self.stride)    # (N, K, P)
-        w2 = self.params["weight"].reshape(self.out_channels, -1)       # (F, K)
-        dw2 = xp.matmul(dy3, cols.transpose(0, 2, 1)).sum(axis=0)      # sum_n dY[n] @ cols[n]^T
-        self.grads["weight"] = dw2.reshape(self.params["weight"].shape)
-        if "bias" in self.params:
-            self.grads["bias"] = dy3.sum(axis=(0, 2))
-        dcols = xp.matmul(w2.T, dy3)                                   # (N, K, P)
-        return kernels.col2im(dcols, x.shape, self.kernel_size, pad, self.stride)
+        # dW2 = sum_n dY[n] @ cols[n]^T, db, dx = col2im(W2^T @ dY): see conv2d_backward below
+        dx, dw, db = conv2d_backward(x, self.params["weight"], "bias" in self.params, dy,
+                                     self._geometry, self.stride)
+        self.grads["weight"] = dw
+        if db is not None:
+            self.grads["bias"] = db
+        return dx
+
+
+# ---------------------------------------------------------------------------------------------
+# The compute path: how the sums above are carried out fast. Every method computes the same
+# y, dW, db and dx (tests/test_kernels.py::test_conv_methods_agree_with_the_naive_loops and
+# ::test_each_conv_method_passes_a_gradient_check); tinyunet.kernels.bench times each of them
+# on every conv of the U-Net, and choose_method encodes what it measured.
+# ---------------------------------------------------------------------------------------------
+METHODS = ("im2col", "flip", "shifted")
+# im2col   the derivation above, as written: Y[n] = W2 @ cols[n]; dx = col2im(W2^T @ dY[n]).
+#
+# flip     forward and dW as im2col; dx computed as a convolution of dY instead of a col2im.
+#          For stride 1, write the backward sum with i' = kh-1-i, j' = kw-1-j:
+#
+#              dx[n, c, h, w] = sum_{f, i, j} W[f, c, i, j] * dy[n, f, h + top - i, w + left - j]
+#                             = sum_{f, i', j'} Wf[c, f, i', j'] * dy_pad[n, f, h + i', w + j']
+#
+#          with Wf[c, f, i', j'] = W[f, c, kh-1-i', kw-1-j'] (each filter turned by 180 degrees,
+#          in and out channels swapped) and dy padded by kh-1-top above, kh-1-bottom below,
+#          kw-1-left and kw-1-right at the sides (needs padding <= kernel - 1). So
+#          dx[n] = Wf2 @ im2col(dy)[n]: the copy kernel reads F channels instead of
+#          col2im reading C*kh*kw rows and scattering them, which pays when F < C.
+#
+# shifted  no column matrix at all, for few output channels (the U-Net's 64->2 head). Pad x
+#          once and flatten each image to rows of width Wp = W + left + right; the window
+#          offset (i, j) is then the flat offset i*Wp + j, so for stride 1
+#
+#              Y_wide[n] = sum_{i, j} W[:, :, i, j] @ x_flat[n][:, i*Wp + j : i*Wp + j + OH*Wp]
+#
+#          is kh*kw products of (F, C) by (C, OH*Wp) views (no copies); each output row carries
+#          kw - 1 + left + right extra columns that are dropped. dW[:, :, i, j] is the same
+#          view against dY widened by zeros, and dx comes from 'flip'. With F = 2 the column
+#          matrix (C*kh*kw rows) would cost far more to write than the products cost to compute.
+SHIFTED_MAX_OUT_CHANNELS = 8        # "shifted" up to this many output channels (bench: 2)
+_method = "auto"                    # set by use_method / using_method
+_workspace: dict = {}               # reused buffers, see _scratch
+
+
+def method_applies(method: str, kernel, padding, stride) -> bool:
+    """Whether ``method`` can compute this geometry: 'flip' and 'shifted' need stride 1 and
+    padding <= kernel - 1 on every side (the padding of dy in 'flip' is kernel - 1 - padding)."""
+    if method == "im2col":
+        return True
+    (kh, kw), ((pt, pb), (pl, pr)) = kernel, padding
+    return tuple(stride) == (1, 1) and max(pt, pb) <= kh - 1 and max(pl, pr) <= kw - 1
+
+
+def choose_method(in_channels: int, out_channels: int, kernel, padding, stride) -> str:
+    """The method the benchmark found fastest (kernels/RESULTS.md, "conv methods"): 'shifted'
+    for a handful of output channels, 'flip' when F < C (its dy copy is then the smaller
+    one; at F = C col2im's path measured as fast or faster), else 'im2col'."""
+    if method_applies("shifted", kernel, padding, stride) and out_channels <= SHIFTED_MAX_OUT_CHANNELS \
+            and tuple(kernel) != (1, 1):
+        return "shifted"
+    if method_applies("flip", kernel, padding, stride) and out_channels < in_channels:
+        return "flip"
+    return "im2col"
+
+
+def use_method(name: str) -> None:
+    """Force one conv method for every Conv2d ('auto': choose_method decides), for benchmarks
+    and for learners who want to step through one formulation."""
+    global _method
+    if name != "auto" and name not in METHODS:
+        raise ValueError(f"unknown conv method {name!r}: expected 'auto' or one of {METHODS}")
+    _method = name
+
+
+@contextlib.contextmanager
+def using_method(name: str):
+    """``with using_method("im2col"): ...`` forces ``name`` inside the block only."""
+    previous = _method
+    use_method(name)
+    try:
+        yield
+    finally:
+        use_method(previous)
+
+
+def _resolve_method(weight, padding, stride) -> str:
+    f, c, kh, kw = weight.shape
+    if _method == "auto":
+        return choose_method(c, f, (kh, kw), padding, stride)
+    if not method_applies(_method, (kh, kw), padding, stride):
+        return "im2col"        # a forced method that cannot do this geometry: the general one
+    return _method
+
+
+def _scratch(xp, shape, dtype, slot: str = "cols"):
+    """A reused buffer of ``shape``: a view into one grow-only block per (array module, dtype,
+    slot). A fresh 300 MB column matrix per call costs tens of ms in page faults; every conv
+    runs after the previous one finished with the block, so one block serves them all (which
+    also means: one model per process at a time, not from several threads at once).
+    Never return it: whatever leaves a function must be a fresh array."""
+    key = (xp.__name__, np.dtype(dtype).str, slot)
+    size = int(np.prod(shape))
+    block = _workspace.get(key)
+    if block is None or block.size < size:
+        _workspace.pop(key, None)                 # free the old block before the new one
+        block = _workspace[key] = xp.empty(size, dtype=dtype)
+    return block[:size].reshape(shape)
+
+
+def release_workspace() -> None:
+    """Free the reused buffers (they grow to the largest column matrix seen)."""
+    _workspace.clear()
+
+
+def _columns(x, kernel, padding, stride):
+    """im2col(x) into the workspace; a 1x1 stride-1 unpadded conv needs no copy at all."""
+    n, c, h, w = x.shape
+    if tuple(kernel) == (1, 1) and tuple(stride) == (1, 1) and padding == ((0, 0), (0, 0)):
+        return x.reshape(n, c, h * w)
+    shape = kernels.cols_shape(x.shape, kernel, padding, stride)
+    return kernels.im2col(x, kernel, padding, stride, out=_scratch(get_array_module(x), shape, x.dtype))
+
+
+def conv2d_forward(x, weight, bias, padding, stride):
+    """y = conv(x, weight) + bias by the current method. x: (N, C, H, W), weight: (F, C, kh, kw),
+    bias: (F,) or None, padding ((top, bottom), (left, right)), stride (sh, sw) -> (N, F, OH, OW)."""
+    xp = get_array_module(x)
+    f, c, kh, kw = weight.shape
+    n = x.shape[0]
+    _, _, _, (oh, ow) = kernels.normalize(x.shape, (kh, kw), padding, stride)
+    if _resolve_method(weight, padding, stride) == "shifted":
+        return _forward_shifted(x, weight, bias, padding)
+    cols = _columns(x, (kh, kw), padding, stride)                     # (N, C*kh*kw, OH*OW)
+    y = xp.matmul(weight.reshape(f, -1), cols)                        # (N, F, OH*OW), fresh
+    if bias is not None:
+        y += bias[:, None]
+    return y.reshape(n, f, oh, ow)
+
+
+def conv2d_backward(x, weight, has_bias: bool, dy, padding, stride):
+    """(dx, dW, db) for y = conv(x, weight) + bias, given dy = dL/dy; db is None without bias."""
+    xp = get_array_module(dy)
+    f, c, kh, kw = weight.shape
+    n = x.shape[0]
+    method = _resolve_method(weight, padding, stride)
+    dy3 = dy.reshape(n, f, -1)                                          # (N, F, P)
+    db = dy3.sum(axis=2).sum(axis=0) if has_bias else None
+    if method == "shifted":
+        dw = _weight_grad_shifted(x, weight.shape, dy, padding)
+    else:
+        cols = _columns(x, (kh, kw), padding, stride)                   # (N, K, P)
+        # dW2 = sum_n dY[n] @ cols[n]^T, computed transposed as cols[n] @ dY[n]^T: the same
+        # numbers, but OpenBLAS splits a (K, P) @ (P, F) product well across threads, while
+        # (F, P) @ (P, K) with its long inner dimension ran 20 to 60 times slower here
+        # whenever another process held a core.
+        dw2t = xp.matmul(cols[0], dy3[0].T)                             # (K, F)
+        for b in range(1, n):
+            dw2t += xp.matmul(cols[b], dy3[b].T)
+        dw = xp.ascontiguousarray(dw2t.T).reshape(weight.shape)
+    if method == "im2col":
+        if tuple((kh, kw)) == (1, 1) and tuple(stride) == (1, 1) and padding == ((0, 0), (0, 0)):
+            dx = xp.matmul(weight.reshape(f, c).T, dy3)                 # col2im of 1x1 is the identity
+        else:
+            dcols = xp.matmul(weight.reshape(f, -1).T, dy3,             # (N, K, P): W2^T @ dY[n]
+                              out=_scratch(xp, (n, c * kh * kw, dy3.shape[2]), dy.dtype))
+            dx = kernels.col2im(dcols, x.shape, (kh, kw), padding, stride)
+    else:
+        dx = _input_grad_flip(weight, dy, padding)
+    return dx.reshape(x.shape), dw, db
+
+
+def _input_grad_flip(weight, dy, padding):
+    """dx as the convolution of dy with the turned, transposed filters ('flip' above)."""
+    xp = get_array_module(dy)
+    f, c, kh, kw = weight.shape
+    (pt, pb), (pl, pr) = padding
+    turned = xp.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, F, kh, kw)
+    dcols = _columns(dy, (kh, kw), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)), (1, 1))
+    return xp.matmul(turned.reshape(c, -1), dcols)                    # (N, C, H*W), fresh
+
+
+def _flat_padded(x, padding, kw):
+    """x padded by zeros, each image flattened: (N, C, Hp*Wp + kw - 1), and (Hp, Wp).
+    The kw - 1 extra zeros let the last tap's view of OH*Wp elements stay inside."""
+    xp = get_array_module(x)
+    n, c, h, w = x.shape
+    (pt, pb), (pl, pr) = padding
+    hp, wp = h + pt + pb, w + pl + pr
+    flat = _scratch(xp, (n, c, hp * wp + kw - 1), x.dtype, slot="padded")
+    flat[...] = 0
+    flat[:, :, :hp * wp].reshape(n, c, hp, wp)[:, :, pt:pt + h, pl:pl + w] = x
+    return flat, hp, wp
+
+
+def _forward_shifted(x, weight, bias, padding):
+    """y as kh*kw products of shifted views of the flat padded x ('shifted' above)."""
+    xp = get_array_module(x)
+    f, c, kh, kw = weight.shape
+    n = x.shape[0]
+    flat, hp, wp = _flat_padded(x, padding, kw)
+    oh, ow = hp - kh + 1, wp - kw + 1
+    length = oh * wp
+    wide = xp.empty((n, f, length), dtype=x.dtype)                      # (N, F, OH*Wp)
+    part = xp.empty_like(wide)
+    for i in range(kh):
+        for j in range(kw):
+            view = flat[:, :, i * wp + j:i * wp + j + length]           # (N, C, OH*Wp), no copy
+            if i == 0 and j == 0:
+                xp.matmul(weight[:, :, i, j], view, out=wide)
+            else:
+                xp.matmul(weight[:, :, i, j], view, out=part)
+                wide += part
+    y = wide.reshape(n, f, oh, wp)[:, :, :, :ow]                        # drop the wrap-around columns
+    if bias is not None:
+        y = y + bias[:, None, None]
+    return xp.ascontiguousarray(y)
+
+
+def _weight_grad_shifted(x, weight_shape, dy, padding):
+    """dW[:, :, i, j] = sum_n dY_wide[n] @ view_ij[n]^T, dY_wide = dy with zero columns
+    where the wide forward had its dropped ones ('shifted' above)."""
+    xp = get_array_module(x)
+    f, c, kh, kw = weight_shape
+    n, _, oh, ow = dy.shape
+    flat, hp, wp = _flat_padded(x, padding, kw)
+    length = oh * wp
+    wide = xp.zeros((n, f, oh, wp), dtype=dy.dtype)
+    wide[:, :, :, :ow] = dy
+    wide = wide.reshape(n, f, length)
+    dw = xp.empty((f, c, kh, kw), dtype=dy.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            views = flat[:, :, i * wp + j:i * wp + j + length]
+            acc = xp.matmul(views[0], wide[0].T)                        # (C, F): transposed, as in
+            for b in range(1, n):                                       # conv2d_backward's dW
+                acc += xp.matmul(views[b], wide[b].T)
+            dw[:, :, i, j] = acc.T
+    return dw
 
 
 def conv2d_naive(x, weight, bias=None, padding=((0, 0), (0, 0)), stride=(1, 1)):
