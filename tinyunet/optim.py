@@ -22,14 +22,22 @@ SGD with momentum, Keras form (the U-Net paper used momentum 0.99):
     p = p + velocity
 
 which equals PyTorch's buf = momentum buf + g, p -= lr buf for a constant lr.
-Proofs: tests/test_optim.py (hand-computed steps, state round trip).
+
+Adam's update has two implementations with one result: NumPy expressions (any array module:
+NumPy, CuPy, and the reference), and for NumPy arrays on the CPU a Numba kernel that does the
+whole update in ONE pass over p, g, m and v, on every core, with no temporaries (NumPy makes
+five passes and three temporary arrays the size of the largest weight). The kernel performs
+the same float operations in the same order, in the parameters' dtype, so the two agree bit
+for bit. TINYUNET_KERNELS=reference forces the NumPy path.
+Proofs: tests/test_optim.py (hand-computed steps, state round trip) and tests/test_fast_paths.py
+(the Numba update equals the NumPy one, bit for bit).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from tinyunet.backend import get_array_module, to_device, device_of
-
+from tinyunet.kernels import cpu_layers
 
 class Optimizer:
     def __init__(self, params: dict):
@@ -93,6 +101,11 @@ class Adam(Optimizer):
             xp = get_array_module(p)
             g, m, v = grads[name], self.m[name], self.v[name]
             dtype = p.dtype.type
+            if cpu_layers.serves(p, g, m, v) and g.dtype == p.dtype:
+                cpu_layers.adam(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
+                             dtype(self.beta1), dtype(1 - self.beta1), dtype(self.beta2),
+                             dtype(1 - self.beta2), dtype(alpha), dtype(self.epsilon))
+                continue
             m *= dtype(self.beta1)
             m += dtype(1 - self.beta1) * g
             v *= dtype(self.beta2)

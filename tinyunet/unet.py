@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tinyunet.backend import device_of, get_array_module, is_array, to_device
+from tinyunet.backend import device_of, is_array, to_device
 from tinyunet.layers import (CenterCrop2d, Concat, Conv2d, Dropout, MaxPool2d, ReLU, Upsample2d,
                              sigmoid)
 from tinyunet.layers.base import LayerInputError
@@ -286,6 +286,10 @@ class UNet:
         ``gradients()``). Must follow the forward whose logits it differentiates.
         """
         c = self.config
+        # The previous step's gradients have served (the optimizer used them): drop them before
+        # the new ones arrive, so that two sets never coexist (124 MB at the exact width).
+        for layer in self.layers.values():
+            layer.grads.clear()
         g = self._back("head.out", dlogits)                         # (N, 2, H, W)
         if "head.relu" in self.layers:
             g = self._back("head.relu", g)
@@ -309,7 +313,8 @@ class UNet:
             g = self._back(f"down{i}.pool", g)                      # (N, w, H_i, W_i)
             # The level's output went two ways, into the pool and across the skip to up{i}'s
             # concat; L depends on it through both, so its gradient is the SUM of the two.
-            g = g + dskips[i]
+            # (In place: g is the pool's fresh output, and a new array would cost a copy.)
+            g += dskips[i]
             if f"down{i}.dropout" in self.layers:
                 g = self._back(f"down{i}.dropout", g)
             g = self._back(f"down{i}.conv2", self._back(f"down{i}.relu2", g))
@@ -344,7 +349,7 @@ class UNet:
             if output_size(size, c.depth, c.padding) is None:
                 below, above = nearest_valid_sizes(size, c.depth, c.padding)
                 rule = (f"divisible by 2**depth = {2 ** c.depth}" if c.padding == "same" else
-                        f"a size whose every level stays whole under unpadded 3x3 convs and 2x2 pools")
+                        "a size whose every level stays whole under unpadded 3x3 convs and 2x2 pools")
                 nearest = f"{below} or {above}" if below else f"{above}"
                 raise UNetInputError(
                     f"UNet: input {axis} {size} does not fit a depth-{c.depth} '{c.padding}' U-Net: it "

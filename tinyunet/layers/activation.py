@@ -14,14 +14,24 @@ Sigmoid:  y = 1 / (1 + exp(-x))          dy/dx = y (1 - y)
 
 For training, prefer the loss from the logits (tinyunet.losses.bce_with_logits): it fuses the
 sigmoid into the loss, which is both stabler and simpler (its gradient is sigmoid(z) - t).
-Proofs: tests/test_layers.py and tests/test_torch_oracle.py.
+
+ReLU has two implementations with one result: NumPy expressions (any array module: NumPy,
+CuPy, and the reference) and, for NumPy arrays on the CPU, a Numba kernel that writes y and
+the mask in ONE pass over x (NumPy needs two: x > 0, then max) and dx = dy * mask in one
+more, on every core (kernels/cpu_layers.py, which also decides when it serves);
+TINYUNET_KERNELS=reference (or tinyunet.kernels.use("reference")) forces the NumPy paths.
+
+Proofs: tests/test_layers.py, tests/test_torch_oracle.py, and tests/test_fast_paths.py (the
+Numba kernels equal the NumPy paths, NaN included).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from tinyunet.backend import get_array_module
+from tinyunet.kernels import cpu_layers
 
 from .base import Layer
-
 
 def sigmoid(x):
     """1 / (1 + exp(-x)) without overflow, for any x."""
@@ -38,13 +48,21 @@ class ReLU(Layer):
 
     def forward(self, x):
         self._check_array(x, ndim=None)
+        self._dtype = x.dtype
+        if cpu_layers.serves(x):
+            y, self._positive = np.empty_like(x), np.empty(x.shape, dtype=np.bool_)
+            cpu_layers.relu_forward(x.reshape(-1), y.reshape(-1), self._positive.reshape(-1))
+            return y
         xp = get_array_module(x)
         self._positive = x > 0                   # a bool mask: a quarter of x's bytes in float32
-        self._dtype = x.dtype
         return xp.maximum(x, 0)
 
     def backward(self, dy):
         self._check_grad(dy, None if self._positive is None else self._positive.shape, self._dtype)
+        if cpu_layers.serves(dy, self._positive):
+            dx = np.empty_like(dy)
+            cpu_layers.relu_backward(dy.reshape(-1), self._positive.reshape(-1), dx.reshape(-1))
+            return dx
         return dy * self._positive
 
     def dead_fraction(self) -> float:

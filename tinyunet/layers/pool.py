@@ -16,15 +16,25 @@ we pick the FIRST maximum in row-major window order, as cuDNN does, and the grad
 checks draw inputs without ties. Windows overlap when s < k: an input that is the argmax of
 several windows gets the sum of their gradients.
 
-Proofs: tests/test_layers.py (gradient checks, against a loop version) and
-tests/test_torch_oracle.py (torch.nn.functional.max_pool2d).
+Two implementations with one result: the NumPy one below (k*k strided views, any array
+module: NumPy and CuPy, and the reference) and, for NumPy arrays on the CPU, a Numba kernel
+that reads each window once and writes y and argmax in the same pass, one image plane per
+thread; its backward writes every element of dx exactly once (no zero fill, no k*k passes).
+Both compare with ``>`` in row-major window order, so ties and NaN go the same way.
+TINYUNET_KERNELS=reference (or tinyunet.kernels.use("reference")) forces the NumPy path.
+
+Proofs: tests/test_layers.py (gradient checks, against a loop version),
+tests/test_torch_oracle.py (torch.nn.functional.max_pool2d) and tests/test_fast_paths.py
+(the Numba kernels equal the NumPy path, bit for bit).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from tinyunet.backend import get_array_module
+from tinyunet.kernels import cpu_layers
 
 from .base import Layer, LayerInputError
-
 
 class MaxPool2d(Layer):
     def __init__(self, kernel_size: int = 2, stride: int | None = None, name: str | None = None):
@@ -54,7 +64,14 @@ class MaxPool2d(Layer):
             raise LayerInputError(f"{self._label()}: a {self.kernel_size}x{self.kernel_size} window does "
                                   f"not fit an input of shape {tuple(x.shape)}")
         xp = get_array_module(x)
-        _, _, oh, ow = self.output_shape(x.shape)
+        n, c, oh, ow = self.output_shape(x.shape)
+        if cpu_layers.serves(x) and self.kernel_size ** 2 <= 127:
+            y = np.empty((n, c, oh, ow), dtype=x.dtype)
+            argmax = np.empty((n, c, oh, ow), dtype=np.int8)
+            cpu_layers.maxpool_forward(x.reshape(n * c, *x.shape[2:]), y.reshape(n * c, oh, ow),
+                                    argmax.reshape(n * c, oh, ow), self.kernel_size, self.stride)
+            self._x_shape, self._argmax, self._dtype = x.shape, argmax, x.dtype
+            return y
         views = self._window_views(x, oh, ow)
         y = views[0].copy()
         argmax = xp.zeros(y.shape, dtype=xp.int8)     # window offset index i*k + j
@@ -69,7 +86,12 @@ class MaxPool2d(Layer):
         """dy: (N, C, OH, OW) -> dx: (N, C, H, W), each dy routed to its window's argmax."""
         self._check_grad(dy, None if self._x_shape is None else self.output_shape(self._x_shape), self._dtype)
         xp = get_array_module(dy)
-        _, _, oh, ow = dy.shape
+        n, c, oh, ow = dy.shape
+        if cpu_layers.serves(dy, self._argmax):
+            dx = np.empty(self._x_shape, dtype=dy.dtype)
+            cpu_layers.maxpool_backward(dy.reshape(n * c, oh, ow), self._argmax.reshape(n * c, oh, ow),
+                                     dx.reshape(n * c, *dx.shape[2:]), self.kernel_size, self.stride)
+            return dx
         dx = xp.zeros(self._x_shape, dtype=dy.dtype)  # rows dropped by the floor keep 0
         for offset, target in enumerate(self._window_views(dx, oh, ow)):
             target += xp.where(self._argmax == offset, dy, 0)  # += : windows may overlap

@@ -10,14 +10,22 @@ SUM of the gradients of that block:
 
     dx[n, c, h, w] = sum_{a, b < s} dy[n, c, s*h + a, s*w + b]
 
-Proofs: tests/test_layers.py and tests/test_torch_oracle.py (F.interpolate, mode='nearest').
+Two implementations with one result: NumPy broadcasting and reshaping (any array module: NumPy,
+CuPy, and the reference) and, for NumPy arrays on the CPU, Numba kernels that write each output
+row once (forward) and sum each s x s block in the order a, b = (0, 0), (0, 1), ... (backward),
+one image plane per thread. TINYUNET_KERNELS=reference forces the NumPy path.
+
+Proofs: tests/test_layers.py, tests/test_torch_oracle.py (F.interpolate, mode='nearest') and
+tests/test_fast_paths.py (the Numba kernels against the NumPy path).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from tinyunet.backend import get_array_module
+from tinyunet.kernels import cpu_layers
 
 from .base import Layer
-
 
 class Upsample2d(Layer):
     def __init__(self, scale: int = 2, name: str | None = None):
@@ -38,6 +46,10 @@ class Upsample2d(Layer):
         n, c, h, w = x.shape
         s = self.scale
         self._x_shape, self._dtype = x.shape, x.dtype
+        if cpu_layers.serves(x):
+            y = np.empty((n, c, h * s, w * s), dtype=x.dtype)
+            cpu_layers.upsample_forward(x.reshape(n * c, h, w), y.reshape(n * c, h * s, w * s), s)
+            return y
         # A broadcast view (N, C, H, s, W, s) made contiguous is the repeat along both axes.
         blocks = xp.broadcast_to(x[:, :, :, None, :, None], (n, c, h, s, w, s))
         return xp.ascontiguousarray(blocks).reshape(n, c, h * s, w * s)
@@ -47,4 +59,8 @@ class Upsample2d(Layer):
         self._check_grad(dy, None if self._x_shape is None else self.output_shape(self._x_shape), self._dtype)
         n, c, h, w = self._x_shape
         s = self.scale
+        if cpu_layers.serves(dy):
+            dx = np.empty(self._x_shape, dtype=dy.dtype)
+            cpu_layers.upsample_backward(dy.reshape(n * c, h * s, w * s), dx.reshape(n * c, h, w), s)
+            return dx
         return dy.reshape(n, c, h, s, w, s).sum(axis=(3, 5))

@@ -1,0 +1,251 @@
+"""Time one training step of the exact U-Net, tinyunet against PyTorch, side by side.
+
+One step = forward, binary cross-entropy from the logits, backward, Adam, in float32, for the
+Keras reference U-Net (31,031,685 parameters). Each framework at each size runs in its own
+fresh process, so that its peak memory (the process's maximum resident set size, from
+resource.getrusage) is its own and nothing of the other stays cached. Each process does one
+warm-up step (Numba compiles, allocators settle), then times ``--steps`` steps; the report
+gives the median, the ratio tinyunet / PyTorch, and the peak memory.
+
+    python examples/bench_unet.py                         # 256x256 and 128x128, batch 2, CPU
+    python examples/bench_unet.py --sizes 128 --steps 3 --rounds 2
+    python examples/bench_unet.py --device gpu            # CuPy against PyTorch with cuDNN
+
+``--rounds R`` alternates tinyunet and PyTorch processes R times per size and pools their
+step times: on a shared, noisy machine that spreads the noise over both. On the GPU the peak
+is the bytes held by each framework's memory pool (CuPy's pool, torch.cuda.max_memory_reserved).
+Figures: examples/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+FRAMEWORKS = ("tinyunet", "torch")
+
+
+def current_rss() -> int:
+    """Resident set size now, in bytes (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def peak_rss() -> int:
+    """The process's maximum resident set size so far, in bytes (ru_maxrss is KiB on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# tinyunet
+# ---------------------------------------------------------------------------------------------
+def tinyunet_step_fn(size: int, batch: int, device: str):
+    import numpy as np
+
+    from tinyunet.backend import synchronize, to_device
+    from tinyunet.losses import bce_with_logits
+    from tinyunet.optim import Adam
+    from tinyunet.unet import UNet
+
+    model = UNet().to(device)                       # float32, dropout 0.5, training mode
+    optimizer = Adam(model.parameters())            # after .to(): it updates these arrays
+    rng = np.random.default_rng(0)
+    x = to_device(rng.random((batch, 1, size, size), dtype=np.float32), device)
+    target = to_device((rng.random((batch, 1, size, size)) > 0.5).astype(np.float32), device)
+
+    def step():
+        _, dlogits = bce_with_logits(model.forward(x), target)
+        model.backward(dlogits)
+        optimizer.step(model.gradients())
+        synchronize(x)
+
+    def gpu_peak():
+        import cupy  # examples may import CuPy directly; the library reaches it via tinyunet.backend
+        return cupy.get_default_memory_pool().total_bytes()
+    return step, (gpu_peak if device == "gpu" else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch: the same network (zhixuhao/unet's model.py), written for the benchmark
+# ---------------------------------------------------------------------------------------------
+def torch_step_fn(size: int, batch: int, device: str):
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class KerasUNet(nn.Module):
+        def __init__(self, base=64, depth=4):
+            super().__init__()
+            w = [base * 2 ** i for i in range(depth + 1)]
+            self.down = nn.ModuleList()
+            cin = 1
+            for i in range(depth):
+                self.down.append(nn.ModuleList([nn.Conv2d(cin, w[i], 3, padding=1), nn.Conv2d(w[i], w[i], 3, padding=1)]))
+                cin = w[i]
+            self.bottom = nn.ModuleList([nn.Conv2d(w[-2], w[-1], 3, padding=1), nn.Conv2d(w[-1], w[-1], 3, padding=1)])
+            self.up = nn.ModuleList()
+            for i in range(depth - 1, -1, -1):
+                self.up.append(nn.ModuleList([nn.Conv2d(w[i + 1], w[i], 2), nn.Conv2d(2 * w[i], w[i], 3, padding=1),
+                                              nn.Conv2d(w[i], w[i], 3, padding=1)]))
+            self.head = nn.Conv2d(base, 2, 3, padding=1)
+            self.out = nn.Conv2d(2, 1, 1)
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x):
+            skips = []
+            for i, (c1, c2) in enumerate(self.down):
+                x = F.relu(c2(F.relu(c1(x))))
+                if i == len(self.down) - 1:
+                    x = self.drop(x)
+                skips.append(x)
+                x = F.max_pool2d(x, 2)
+            x = self.drop(F.relu(self.bottom[1](F.relu(self.bottom[0](x)))))
+            for (upconv, c1, c2), skip in zip(self.up, reversed(skips)):
+                x = F.relu(upconv(F.pad(F.interpolate(x, scale_factor=2, mode="nearest"), (0, 1, 0, 1))))
+                x = F.relu(c2(F.relu(c1(torch.cat([skip, x], dim=1)))))
+            return self.out(F.relu(self.head(x)))
+
+    dev = torch.device("cuda" if device == "gpu" else "cpu")
+    if device == "gpu":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+    model = KerasUNet().to(dev).train()
+    assert sum(p.numel() for p in model.parameters()) == 31_031_685
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, eps=1e-7)
+    x = torch.rand(batch, 1, size, size, device=dev)
+    target = (torch.rand(batch, 1, size, size, device=dev) > 0.5).float()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.binary_cross_entropy_with_logits(model(x), target)
+        loss.backward()
+        optimizer.step()
+        if device == "gpu":
+            torch.cuda.synchronize()
+
+    return step, ((lambda: torch.cuda.max_memory_reserved()) if device == "gpu" else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# one framework, one size, in this process
+# ---------------------------------------------------------------------------------------------
+def worker(framework: str, size: int, batch: int, steps: int, device: str) -> dict:
+    make = tinyunet_step_fn if framework == "tinyunet" else torch_step_fn
+    if framework == "tinyunet":                     # import first, so the baseline includes it
+        import tinyunet.kernels
+        import tinyunet.unet  # noqa: F401
+        tinyunet.kernels.implementation_for(__import__("numpy").zeros(1))   # loads Numba
+    else:
+        import torch  # noqa: F401
+    rss_start = current_rss()
+    step, gpu_peak = make(size, batch, device)
+    rss_model = current_rss()
+    step()                                          # warm-up: compilation, first allocations
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    result = {"framework": framework, "size": size, "batch": batch, "device": device, "times": times,
+              "peak_rss": peak_rss(), "rss_after_imports": rss_start, "rss_after_model": rss_model}
+    if gpu_peak is not None:
+        result["gpu_peak"] = gpu_peak()
+    return result
+
+
+def run_worker(framework, size, args) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--sizes", str(size),
+               "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {framework} benchmark at {size}x{size} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "absent"
+
+
+def available(framework: str) -> bool:
+    if framework == "tinyunet":
+        return True
+    try:
+        import torch  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 128])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warm-up")
+    parser.add_argument("--rounds", type=int, default=1, help="alternate the frameworks' processes this many times")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
+    parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1 or args.batch < 1:
+        parser.error("--steps, --rounds and --batch must be >= 1")
+
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.sizes[0], args.batch, args.steps, args.device)))
+        return 0
+
+    frameworks = [f for f in args.frameworks if available(f)]
+    skipped = sorted(set(args.frameworks) - set(frameworks))
+    print(f"# bench_unet {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  {platform.processor() or platform.machine()}"
+          f"  {os.cpu_count()} CPUs  python {platform.python_version()}  device={args.device}")
+    print("# " + "  ".join(f"{name} {_version(name)}" for name in ("numpy", "numba", "torch"))
+          + f"  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(tinyunet sets PASSIVE)')}")
+    print(f"# command: python examples/bench_unet.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    if skipped:
+        print(f"# skipped (not importable): {', '.join(skipped)}")
+    results = []
+    for size in args.sizes:
+        pooled = {f: [] for f in frameworks}
+        peaks = {f: [] for f in frameworks}
+        for _ in range(args.rounds):
+            for framework in frameworks:
+                r = run_worker(framework, size, args)
+                results.append(r)
+                pooled[framework] += r["times"]
+                peaks[framework].append(r)
+        for framework in frameworks:
+            times = pooled[framework]
+            peak = max(peaks[framework], key=lambda r: r["peak_rss"])
+            line = (f"{framework:>8}  {size}x{size}  batch {args.batch}  median {1000 * statistics.median(times):8.0f} ms"
+                    f"  (min {1000 * min(times):.0f}, max {1000 * max(times):.0f}, n={len(times)})"
+                    f"  peak RSS {peak['peak_rss'] / 1e9:.2f} GB"
+                    f" (+{(peak['peak_rss'] - peak['rss_after_imports']) / 1e9:.2f} GB over imports)")
+            if "gpu_peak" in peak:
+                line += f"  GPU pool {peak['gpu_peak'] / 1e9:.2f} GB"
+            print(line)
+        if "tinyunet" in pooled and "torch" in pooled:
+            ratio = statistics.median(pooled["tinyunet"]) / statistics.median(pooled["torch"])
+            mem = (max(r["peak_rss"] for r in peaks["tinyunet"]) / max(r["peak_rss"] for r in peaks["torch"]))
+            print(f"   ratio  {size}x{size}  time tinyunet/torch {ratio:.2f}x   peak RSS tinyunet/torch {mem:.2f}x")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Numba CPU kernels for the layers other than the convolution: ReLU, max-pooling, nearest
+upsampling, and Adam's update.
+
+Each one computes exactly what the layer's NumPy expression computes (the layer file holds that
+expression and the derivation), in one pass over memory and on every core, where NumPy makes
+several passes and temporaries. The layers call them only through ``serves(...)`` below, so the
+NumPy path remains the reference, serves CuPy arrays, and runs where Numba is missing.
+TINYUNET_KERNELS=reference (or tinyunet.kernels.use("reference")) forces the NumPy paths.
+Proofs: tests/test_fast_paths.py (each kernel against the NumPy path, bit for bit where the
+operations are the same, NaN and ties included).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import forced
+
+try:  # Numba is a dependency, but every layer works without it
+    from numba import njit, prange
+except ImportError:  # pragma: no cover
+    njit = None
+
+# Below this many elements the NumPy path serves: the work (microseconds) would cost less than
+# waking the threads of a parallel kernel, and on a busy machine a parallel kernel can wait a
+# whole scheduler time slice (milliseconds) for a core. Both paths give the same values.
+PARALLEL_MIN_SIZE = 1 << 17
+
+
+def serves(*arrays) -> bool:
+    """True when the Numba CPU kernels should serve these arrays: NumPy, C-contiguous, the first
+    one at least PARALLEL_MIN_SIZE elements, Numba importable, and the reference implementation
+    not forced (TINYUNET_KERNELS=reference or tinyunet.kernels.use("reference"))."""
+    return (njit is not None and forced() != "reference" and arrays[0].size >= PARALLEL_MIN_SIZE
+            and all(isinstance(a, np.ndarray) and a.flags.c_contiguous for a in arrays))
+
+
+if njit is not None:
+    # ReLU (tinyunet/layers/activation.py)
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def relu_forward(x, y, positive):
+        """Flat x -> y = max(x, 0) (NaN stays NaN, as np.maximum), positive = x > 0."""
+        for i in prange(x.size):                # one flat loop: Numba splits it, LLVM vectorizes it
+            value = x[i]
+            positive[i] = value > 0
+            y[i] = 0 if value <= 0 else value       # NaN <= 0 is False: NaN passes through
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def relu_backward(dy, positive, dx):
+        """Flat dx = dy * positive (a multiply, as NumPy: NaN * 0 stays NaN)."""
+        for i in prange(dy.size):
+            dx[i] = dy[i] * positive[i]             # exact: a product with 1 or 0
+
+    # max-pooling (tinyunet/layers/pool.py)
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def maxpool_forward(x, y, argmax, k, s):
+        """x: (P, H, W) planes -> y, argmax: (P, OH, OW); the first maximum in row-major order."""
+        planes, out_h, out_w = y.shape
+        for p in prange(planes):
+            for oh in range(out_h):
+                for ow in range(out_w):
+                    best = x[p, oh * s, ow * s]
+                    where = 0
+                    for i in range(k):
+                        for j in range(k):
+                            value = x[p, oh * s + i, ow * s + j]
+                            if value > best:          # strict: a tie keeps the first
+                                best = value
+                                where = i * k + j
+                    y[p, oh, ow] = best
+                    argmax[p, oh, ow] = where
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def maxpool_backward(dy, argmax, dx, k, s):
+        """dy, argmax: (P, OH, OW) -> dx: (P, H, W), every element written."""
+        planes, out_h, out_w = dy.shape
+        _, h, w = dx.shape
+        for p in prange(planes):
+            if s == k:                                # disjoint windows: write each once
+                for oh in range(out_h):
+                    for ow in range(out_w):
+                        where = argmax[p, oh, ow]
+                        for i in range(k):
+                            for j in range(k):
+                                dx[p, oh * k + i, ow * k + j] = dy[p, oh, ow] if i * k + j == where else 0
+                for r in range(out_h * k, h):         # rows and columns the floor dropped
+                    for c in range(w):
+                        dx[p, r, c] = 0
+                for r in range(out_h * k):
+                    for c in range(out_w * k, w):
+                        dx[p, r, c] = 0
+            else:                                     # overlapping or gapped windows: add up
+                for r in range(h):
+                    for c in range(w):
+                        dx[p, r, c] = 0
+                for offset in range(k * k):           # the NumPy path's order: offset by offset
+                    i, j = offset // k, offset % k
+                    for oh in range(out_h):
+                        for ow in range(out_w):
+                            if argmax[p, oh, ow] == offset:
+                                dx[p, oh * s + i, ow * s + j] += dy[p, oh, ow]
+
+    # nearest upsampling (tinyunet/layers/upsample.py)
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def upsample_forward(x, y, s):
+        """x: (P, H, W) -> y: (P, s*H, s*W), y[p, r, c] = x[p, r // s, c // s]."""
+        planes, h, w = x.shape
+        for p in prange(planes):
+            for r in range(h * s):
+                for c in range(w):
+                    value = x[p, r // s, c]
+                    for b in range(s):
+                        y[p, r, c * s + b] = value
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def upsample_backward(dy, dx, s):
+        """dy: (P, s*H, s*W) -> dx: (P, H, W), the sum of each s x s block."""
+        planes, h, w = dx.shape
+        for p in prange(planes):
+            for r in range(h):
+                for c in range(w):
+                    total = dy[p, r * s, c * s]
+                    for a in range(s):
+                        for b in range(s):
+                            if a or b:
+                                total += dy[p, r * s + a, c * s + b]
+                    dx[p, r, c] = total
+
+    # Adam (tinyunet/optim.py)
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def adam(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, alpha, epsilon):
+        """One Adam step over flat arrays, in place; the scalars come in the arrays' dtype."""
+        for i in prange(p.size):
+            gi = g[i]
+            mi = m[i] * beta1 + one_minus_beta1 * gi          # as NumPy: m *= b1; m += (1-b1) g
+            vi = v[i] * beta2 + one_minus_beta2 * (gi * gi)
+            m[i] = mi
+            v[i] = vi
+            p[i] -= alpha * mi / (np.sqrt(vi) + epsilon)
