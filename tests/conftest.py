@@ -2,11 +2,20 @@
 
 Hypothesis profiles: "ci" (the default) is derandomized, so a run is reproducible and CI
 cannot go red by chance; "dev" draws more, fresh examples: HYPOTHESIS_PROFILE=dev pytest.
+
+The Numba CUDA kernels are tested on every machine: where no CUDA driver is installed,
+Numba's CUDA simulator runs them (one Python thread per CUDA thread, so tests keep their
+inputs tiny). The variable must be set before Numba is first imported, hence here, at the top
+of the first file pytest loads; set NUMBA_ENABLE_CUDASIM=0 yourself to skip those tests.
 """
+import ctypes.util
 import os
 
-import pytest
-from hypothesis import HealthCheck, settings
+if "NUMBA_ENABLE_CUDASIM" not in os.environ and ctypes.util.find_library("cuda") is None:
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=25, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
