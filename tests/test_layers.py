@@ -265,3 +265,15 @@ def test_float32_conv_agrees_with_float64():
     dy = rng.standard_normal((2, 5, 9, 9))
     assert relative_error(narrow.backward(dy.astype(np.float32)), wide.backward(dy)) < 1e-6
     assert relative_error(narrow.grads["weight"], wide.grads["weight"]) < 1e-6
+
+
+@pytest.mark.parametrize("make_layer, make_input", [
+    (lambda: Upsample2d(2), lambda rng: rng.standard_normal((2, 6, 20, 18))),
+    (lambda: Dropout(0.4, seed=2), lambda rng: rng.standard_normal((2, 6, 40, 36))),
+    (lambda: ReLU(), lambda rng: away_from_zero((2, 6, 40, 36), rng)),
+    (lambda: Sigmoid(), lambda rng: rng.standard_normal((2, 6, 40, 36)) * 3),
+    (lambda: Concat(), lambda rng: (rng.standard_normal((2, 5, 24, 24)), rng.standard_normal((2, 7, 24, 24)))),
+], ids=["upsample", "dropout", "relu", "sigmoid", "concat"])
+def test_directional_derivative_on_larger_inputs(make_layer, make_input):
+    rng = np.random.default_rng(11)
+    assert_gradients_match(check_layer(make_layer(), make_input(rng), mode="directional", rng=rng))

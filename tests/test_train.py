@@ -100,3 +100,21 @@ def test_validation_indices():
     assert parse_indices("1,3", 5) == [1, 3]
     with pytest.raises(ValueError, match="outside the 24 items"):
         parse_indices("20-25", 24)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_still_reports(tmp_path, tiny_data, monkeypatch):
+    trainer = Trainer(tiny_options(tmp_path, steps=10, eval_every=100, checkpoint_every=100), tiny_data,
+                      log=lambda m: None)
+    real_step = trainer.train_step
+
+    def step_then_interrupt():
+        if trainer.step == 3:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(trainer, "train_step", step_then_interrupt)
+    result = trainer.fit()
+    assert result["interrupted"] and result["step"] == 3
+    resumed = Trainer(tiny_options(tmp_path, steps=10, resume=True), tiny_data, log=lambda m: None)
+    assert resumed.step == 3
+    assert (tmp_path / "montage.png").is_file()
