@@ -370,7 +370,8 @@ def _meta(args, impls, device) -> dict:
                               torch=None if torch is None else torch.__version__),
                 threads=dict(numba=numba.get_num_threads(), torch=None if torch is None else torch.get_num_threads()),
                 blas_environment={k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
-                                                                 "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")},
+                                                                 "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                                 "OMP_WAIT_POLICY", "NUMBA_NUM_THREADS")},
                 dx_of_first_layer="computed by every implementation (PyTorch's input requires grad)")
 
 

@@ -25,7 +25,7 @@ from tinyunet.kernels.geometry import cols_shape
 
 cuda_kernels = pytest.importorskip(
     "tinyunet.kernels.cuda", exc_type=ImportError,
-    reason="Numba's CUDA target is not usable here: no GPU, and NUMBA_ENABLE_CUDASIM is not set")
+    reason="Numba's CUDA target is not usable here: no GPU, and NUMBA_ENABLE_CUDASIM is not enabled")
 from numba import cuda  # noqa: E402  (only once the kernels could be imported)
 
 SIMULATOR = cuda_kernels.SIMULATOR
