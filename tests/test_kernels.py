@@ -288,6 +288,31 @@ def test_each_conv_method_passes_a_gradient_check(method):
         assert errors and max(errors.values()) < 1e-6, errors
 
 
+@pytest.mark.parametrize("small_image_pixels", [0, 10**9])
+def test_both_weight_gradient_layouts_pass_a_gradient_check(small_image_pixels, monkeypatch):
+    """dW is summed image by image for large images and taken from the batch laid side by
+    side for small ones (conv.SMALL_IMAGE_PIXELS); force each and check the derivative, and
+    that the two give the same numbers."""
+    from tinyunet.gradcheck import check_layer
+    from tinyunet.layers import Conv2d
+    from tinyunet.layers import conv
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 4, 7, 6))
+    layer = Conv2d(4, 5, 3, padding="same", seed=2, dtype=np.float64)
+    monkeypatch.setattr(conv, "SMALL_IMAGE_PIXELS", small_image_pixels)
+    with conv.using_method("im2col"):
+        errors = check_layer(layer, x, mode="directional", rng=rng)
+        assert errors and max(errors.values()) < 1e-6, errors
+        dy = rng.standard_normal(layer.forward(x).shape)
+        layer.backward(dy)
+        dw = layer.grads["weight"].copy()
+    monkeypatch.setattr(conv, "SMALL_IMAGE_PIXELS", 10**9 - small_image_pixels)
+    with conv.using_method("im2col"):
+        layer.forward(x)
+        layer.backward(dy)
+    np.testing.assert_allclose(layer.grads["weight"], dw, rtol=1e-12, atol=1e-12)
+
+
 def test_conv_float32_stays_float32_and_outputs_never_alias_the_workspace():
     from tinyunet.layers import Conv2d
     from tinyunet.layers import conv
