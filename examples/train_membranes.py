@@ -38,6 +38,8 @@ def build_parser(d):
     add("--crop", type=int, default=d.crop, help="side of the random training crops (divisible by 16)")
     add("--batch", type=int, default=d.batch)
     add("--lr", type=float, default=d.lr, help="Adam learning rate (the Keras model's is 1e-4)")
+    add("--lr-schedule", default=d.lr_schedule, choices=["constant", "cosine"],
+        help="constant (Keras), or a cosine decay to 5%% of --lr over --steps/--minutes")
     add("--augment", default=d.augment, choices=["none", "flips", "keras", "elastic"])
     add("--border-weights", action="store_true", help="the U-Net paper's border-weighted loss")
     add("--eval-every", type=int, default=d.eval_every)
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
     args = build_parser(TrainOptions()).parse_args(argv)
     options = TrainOptions(
         data=args.data, val=args.val, out=args.out, steps=args.steps, minutes=args.minutes, crop=args.crop,
-        batch=args.batch, lr=args.lr, augment=args.augment, border_weights=args.border_weights,
+        batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule, augment=args.augment, border_weights=args.border_weights,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, threshold=args.threshold,
         tta=args.tta, seed=args.seed, device=args.device, base_width=args.base_width, depth=args.depth,
         head_relu=not args.no_head_relu, synthetic_count=args.synthetic_count, resume=args.resume,

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from tinyunet.data import synthetic_membranes
-from tinyunet.train import CollapseWatch, Trainer, TrainOptions, head_relu_dead_channels, parse_indices
+from tinyunet.train import (CollapseWatch, Trainer, TrainOptions, head_relu_dead_channels, learning_rate,
+                            parse_indices)
 from tinyunet.unet import UNet
 
 
@@ -118,3 +119,24 @@ def test_ctrl_c_saves_a_checkpoint_and_still_reports(tmp_path, tiny_data, monkey
     resumed = Trainer(tiny_options(tmp_path, steps=10, resume=True), tiny_data, log=lambda m: None)
     assert resumed.step == 3
     assert (tmp_path / "montage.png").is_file()
+
+
+def test_cosine_schedule_runs_from_lr_down_to_its_floor():
+    cosine = TrainOptions(lr=2e-4, lr_schedule="cosine")
+    assert learning_rate(cosine, 0.0) == pytest.approx(2e-4)
+    assert learning_rate(cosine, 0.5) == pytest.approx(2e-4 * (0.05 + 0.95 * 0.5))
+    assert learning_rate(cosine, 1.0) == pytest.approx(2e-4 * 0.05)
+    assert learning_rate(cosine, 7.0) == pytest.approx(2e-4 * 0.05)       # past the end: the floor
+    rates = [learning_rate(cosine, k / 10) for k in range(11)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert learning_rate(TrainOptions(lr=2e-4), 0.7) == 2e-4               # constant, the default
+    with pytest.raises(ValueError, match="lr schedule 'step'.*constant"):
+        Trainer(TrainOptions(lr_schedule="step"), synthetic_membranes(2, size=32, seed=0))
+
+
+def test_a_cosine_run_ends_at_the_floor(tmp_path, tiny_data):
+    trainer = Trainer(tiny_options(tmp_path, lr_schedule="cosine", steps=5, minutes=60.0), tiny_data,
+                      log=lambda *_: None)
+    trainer.fit()
+    # the last step ran at progress 4/5: lr * (0.05 + 0.95 * (1 + cos(0.8 pi)) / 2)
+    assert trainer.optimizer.lr == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5 * (1 + np.cos(0.8 * np.pi))))

@@ -2,6 +2,7 @@
 
 One step, for a batch of random crops x: (B, 1, s, s) with membrane targets t (1 = membrane):
 
+    adam.lr = learning_rate(options, progress)        constant, or a cosine decay
     logits = model.forward(x)                         (B, 1, s, s)
     loss, dlogits = bce_with_logits(logits, t, w)     w: the paper's border weights, optional
     model.backward(dlogits)                           fills every layer's grads
@@ -56,6 +57,7 @@ class TrainOptions:
     crop: int = 128
     batch: int = 2
     lr: float = 1e-4                 # the Keras model's Adam default
+    lr_schedule: str = "constant"    # constant | cosine (see learning_rate)
     augment: str = "flips"           # none | flips | keras | elastic (tinyunet.augment)
     border_weights: bool = False     # the U-Net paper's weighted loss
     eval_every: int = 50
@@ -107,6 +109,26 @@ def split_data(dataset: Dataset, val: str) -> tuple[Dataset, Dataset]:
 
 
 # ------------------------------------------------------------------------------ small helpers
+
+LR_SCHEDULES = ("constant", "cosine")
+COSINE_FLOOR = 0.05                  # the cosine ends at 5% of lr, not at 0: the last steps still learn
+
+
+def learning_rate(options: TrainOptions, progress: float) -> float:
+    """Adam's lr at ``progress`` = the share of the run done, in [0, 1].
+
+    constant   lr throughout (the Keras recipe).
+    cosine     lr * (f + (1 - f) * (1 + cos(pi * progress)) / 2), f = COSINE_FLOOR: large steps
+               early, small ones at the end, so the model a short run ends with is not the
+               accident of its last few noisy batches.
+    """
+    if options.lr_schedule == "constant":
+        return options.lr
+    if options.lr_schedule == "cosine":
+        progress = min(max(progress, 0.0), 1.0)
+        return options.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
+    raise ValueError(f"unknown lr schedule {options.lr_schedule!r}: choose one of {LR_SCHEDULES}")
+
 
 def write_json_atomic(path: Path, value) -> None:
     """JSON written all or nothing: a crash keeps the previous file whole (tinyunet/files.py)."""
@@ -179,6 +201,7 @@ class Trainer:
         check_device_name(o.device)
         if o.device == "gpu":
             require_gpu()
+        learning_rate(o, 0.0)                                   # an unknown --lr-schedule fails here
         if o.crop % 2 ** o.depth:
             raise ValueError(f"--crop {o.crop} must be divisible by 2**depth = {2 ** o.depth} (e.g. "
                              f"{max(2 ** o.depth, o.crop - o.crop % 2 ** o.depth)})")
@@ -237,9 +260,15 @@ class Trainer:
         logits = self.model.forward(x)
         loss, dlogits = bce_with_logits(logits, t, weights)
         self.model.backward(dlogits)
+        self.optimizer.lr = learning_rate(o, self.progress())
         self.optimizer.step(self.model.gradients())
         self.step += 1
         return loss
+
+    def progress(self) -> float:
+        """The share of the run done: steps or training time, whichever limit comes first."""
+        o = self.options
+        return max(self.step / max(o.steps, 1), self.train_seconds / max(o.minutes * 60.0, 1e-9))
 
     # -- evaluation ---------------------------------------------------------------------------
     def predict(self, image) -> np.ndarray:
