@@ -288,6 +288,50 @@ def test_each_conv_method_passes_a_gradient_check(method):
         assert errors and max(errors.values()) < 1e-6, errors
 
 
+@pytest.mark.parametrize("method", ["im2col", "flip"])
+@settings(max_examples=20)
+@given(g=conv_cases(), limit=st.sampled_from([1, 200, 2000]))
+def test_pieces_give_the_same_conv_as_one_column_matrix(method, g, limit):
+    """A workspace limit of a few bytes cuts the column matrix into single images and bands of
+    output rows (conv.pieces); y, dx, dW and db must not change (float64: same sums, same
+    order within each product, so to rounding)."""
+    from tinyunet.layers import Conv2d
+    from tinyunet.layers import conv
+    rng = np.random.default_rng(g["seed"])
+    layer = Conv2d(g["shape"][1], g["f"], g["kernel"], padding=g["padding"], stride=g["stride"],
+                   seed=g["seed"] % 1000, dtype=np.float64)
+    x = rng.standard_normal(g["shape"])
+    results = []
+    for workspace in (10 ** 12, limit):
+        saved, conv.WORKSPACE_BYTES = conv.WORKSPACE_BYTES, workspace
+        try:
+            with conv.using_method(method):
+                y = layer.forward(x)
+                dy = np.random.default_rng(1).standard_normal(y.shape)
+                results.append((y, layer.backward(dy), *(layer.grads[k].copy() for k in sorted(layer.grads))))
+        finally:
+            conv.WORKSPACE_BYTES = saved
+    for whole, pieced in zip(*results):
+        np.testing.assert_allclose(pieced, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_pieces_cover_every_output_row_once_and_read_the_right_rows():
+    from tinyunet.layers.conv import pieces
+    x_shape, kernel, padding, stride = (2, 3, 11, 5), (3, 3), ((1, 2), (1, 1)), (2, 1)
+    oh = (11 + 3 - 3) // 2 + 1                                         # 6 output rows
+    assert [p.out_rows for p in pieces(x_shape, kernel, padding, stride, 8)] == [(0, oh)]
+    row_bytes = 3 * 9 * 5 * 8
+    parts = pieces(x_shape, kernel, padding, stride, 8, limit=4 * row_bytes)   # 4 rows per band
+    assert [(p.image, p.out_rows) for p in parts] == [(slice(0, 1), (0, 4)), (slice(0, 1), (4, 6)),
+                                                      (slice(1, 2), (0, 4)), (slice(1, 2), (4, 6))]
+    # rows 0-3 read input rows -1..7 (one padding row above), rows 4-5 read 7..11 (one below)
+    assert parts[0].in_rows == (0, 8) and parts[0].padding == ((1, 0), (1, 1))
+    assert parts[1].in_rows == (7, 11) and parts[1].padding == ((0, 1), (1, 1))
+    # padding beyond kernel - 1 would leave a band with no image rows: whole images only
+    wide = pieces(x_shape, kernel, ((3, 3), (0, 0)), (1, 1), 8, limit=1)
+    assert [p.out_rows for p in wide] == [(0, 15), (0, 15)]
+
+
 @pytest.mark.parametrize("small_image_pixels", [0, 10**9])
 def test_both_weight_gradient_layouts_pass_a_gradient_check(small_image_pixels, monkeypatch):
     """dW is summed image by image for large images and taken from the batch laid side by

@@ -35,6 +35,7 @@ tests/test_torch_oracle.py (against torch.nn.functional.conv2d).
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import numpy as np
 
@@ -233,23 +234,87 @@ def release_workspace() -> None:
 def _columns(x, kernel, padding, stride):
     """im2col(x) into the workspace; a 1x1 stride-1 unpadded conv needs no copy at all."""
     n, c, h, w = x.shape
-    if tuple(kernel) == (1, 1) and tuple(stride) == (1, 1) and padding == ((0, 0), (0, 0)):
+    if _is_pointwise(kernel, padding, stride):
         return x.reshape(n, c, h * w)
     shape = kernels.cols_shape(x.shape, kernel, padding, stride)
     return kernels.im2col(x, kernel, padding, stride, out=_scratch(get_array_module(x), shape, x.dtype))
 
 
+def _is_pointwise(kernel, padding, stride) -> bool:
+    return tuple(kernel) == (1, 1) and tuple(stride) == (1, 1) and padding == ((0, 0), (0, 0))
+
+
+# -- pieces: the column matrix a few output rows at a time -----------------------------------
+# The column matrix of the U-Net's first up-level conv is 2 x 1152 x 65536 floats = 604 MB at
+# 256x256, more than all the activations the backward keeps. Output rows [r0, r1) of one image
+# need only input rows [r0*sh - top, (r1 - 1)*sh - top + kh), and the columns of those rows
+# are im2col of that band of x with its own padding (zeros only where the band reaches past
+# the image). So the products run piece by piece, each piece's columns within WORKSPACE_BYTES:
+#
+#     Y[n][:, r0*OW : r1*OW]  = W2 @ cols(band)
+#     dW2                    += dY[n][:, r0*OW : r1*OW] @ cols(band)^T
+#     dx[n][:, band rows]    += col2im(W2^T @ dY[n][:, r0*OW : r1*OW])   (bands overlap by
+#                                                                          kh - sh rows: +=)
+# The products stay large (over 14,000 columns at the 64 MiB default), so they run as fast.
+WORKSPACE_BYTES = 64 * 2 ** 20
+
+
+class Piece(NamedTuple):
+    image: slice                    # the images of x it covers (all, or one)
+    out_rows: tuple[int, int]       # output rows [r0, r1)
+    in_rows: tuple[int, int]        # the input rows it reads, [lo, hi), inside the image
+    padding: tuple                  # the band's own ((top, bottom), (left, right))
+
+
+def pieces(x_shape, kernel, padding, stride, itemsize, limit=None) -> list[Piece]:
+    """The pieces whose column matrices each fit ``limit`` bytes (WORKSPACE_BYTES): the whole
+    batch when it fits, else one image at a time, in bands of output rows when one image is
+    too large (bands need padding <= kernel - 1, so that every band reads the image)."""
+    limit = WORKSPACE_BYTES if limit is None else limit
+    n, c, h, w = x_shape
+    (kh, kw), ((pt, pb), (pl, pr)), (sh, sw), (oh, ow) = kernels.normalize(x_shape, kernel, padding, stride)
+    row_bytes = c * kh * kw * ow * itemsize                       # one output row's columns
+    if n * oh * row_bytes <= limit:
+        return [Piece(slice(None), (0, oh), (0, h), padding)]
+    rows = oh if max(pt, pb) > kh - 1 else max(1, min(oh, limit // row_bytes))
+    result = []
+    for b in range(n):
+        for r0 in range(0, oh, rows):
+            r1 = min(r0 + rows, oh)
+            first, stop = r0 * sh - pt, (r1 - 1) * sh - pt + kh       # rows read, padding included
+            lo, hi = max(first, 0), min(stop, h)
+            result.append(Piece(slice(b, b + 1), (r0, r1), (lo, hi), ((lo - first, stop - hi), (pl, pr))))
+    return result
+
+
+def _band(x, piece: Piece):
+    lo, hi = piece.in_rows
+    return x[piece.image, :, lo:hi]
+
+
+def _product(weight2d, x, kernel, padding, stride):
+    """(N, F, OH*OW) = weight2d (F, C*kh*kw) @ im2col(x), piece by piece (see pieces)."""
+    xp = get_array_module(x)
+    _, _, _, (oh, ow) = kernels.normalize(x.shape, kernel, padding, stride)
+    parts = pieces(x.shape, kernel, padding, stride, x.itemsize)
+    if len(parts) == 1 or _is_pointwise(kernel, padding, stride):
+        return xp.matmul(weight2d, _columns(x, kernel, padding, stride))   # fresh
+    y = xp.empty((x.shape[0], weight2d.shape[0], oh * ow), dtype=x.dtype)
+    for piece in parts:
+        (r0, r1), cols = piece.out_rows, _columns(_band(x, piece), kernel, piece.padding, stride)
+        xp.matmul(weight2d, cols, out=y[piece.image, :, r0 * ow:r1 * ow])
+    return y
+
+
 def conv2d_forward(x, weight, bias, padding, stride):
     """y = conv(x, weight) + bias by the current method. x: (N, C, H, W), weight: (F, C, kh, kw),
     bias: (F,) or None, padding ((top, bottom), (left, right)), stride (sh, sw) -> (N, F, OH, OW)."""
-    xp = get_array_module(x)
     f, c, kh, kw = weight.shape
     n = x.shape[0]
     _, _, _, (oh, ow) = kernels.normalize(x.shape, (kh, kw), padding, stride)
     if _resolve_method(weight, padding, stride) == "shifted":
         return _forward_shifted(x, weight, bias, padding)
-    cols = _columns(x, (kh, kw), padding, stride)                     # (N, C*kh*kw, OH*OW)
-    y = xp.matmul(weight.reshape(f, -1), cols)                        # (N, F, OH*OW), fresh
+    y = _product(weight.reshape(f, -1), x, (kh, kw), padding, stride)   # (N, F, OH*OW): W2 @ cols
     if bias is not None:
         y += bias[:, None]
     return y.reshape(n, f, oh, ow)
@@ -265,47 +330,66 @@ def conv2d_backward(x, weight, has_bias: bool, dy, padding, stride):
     db = dy3.sum(axis=2).sum(axis=0) if has_bias else None
     if method == "shifted":
         dw = _weight_grad_shifted(x, weight.shape, dy, padding)
-    else:
-        cols = _columns(x, (kh, kw), padding, stride)                   # (N, K, P)
-        p = dy3.shape[2]
-        if p <= SMALL_IMAGE_PIXELS:
-            # Deep in the U-Net the images are small (P = 64 at 8x8) and the sum over n of
-            # products with an inner dimension of P is mostly the writing of N large (F, K)
-            # results. Lay the batch side by side instead, (F, N*P) @ (N*P, K): one product,
-            # one result; the two copies cost little at this P (measured 80 -> 13 ms for
-            # 1024 -> 1024 channels at 8x8, batch 2).
-            dy_wide = dy3.transpose(1, 0, 2).reshape(f, n * p)
-            cols_wide = cols.transpose(1, 0, 2).reshape(-1, n * p)
-            dw = xp.matmul(dy_wide, cols_wide.T).reshape(weight.shape)
-        else:
-            # dW2 = sum_n dY[n] @ cols[n]^T, computed transposed as cols[n] @ dY[n]^T: the
-            # same numbers, but OpenBLAS splits a (K, P) @ (P, F) product well across
-            # threads, while (F, P) @ (P, K) with its long inner dimension ran 20 to 60
-            # times slower here whenever another process held a core.
-            dw2t = xp.matmul(cols[0], dy3[0].T)                         # (K, F)
-            for b in range(1, n):
-                dw2t += xp.matmul(cols[b], dy3[b].T)
-            dw = xp.ascontiguousarray(dw2t.T).reshape(weight.shape)
-    if method == "im2col":
-        if tuple((kh, kw)) == (1, 1) and tuple(stride) == (1, 1) and padding == ((0, 0), (0, 0)):
-            dx = xp.matmul(weight.reshape(f, c).T, dy3)                 # col2im of 1x1 is the identity
-        else:
-            dcols = xp.matmul(weight.reshape(f, -1).T, dy3,             # (N, K, P): W2^T @ dY[n]
-                              out=_scratch(xp, (n, c * kh * kw, dy3.shape[2]), dy.dtype))
-            dx = kernels.col2im(dcols, x.shape, (kh, kw), padding, stride)
-    else:
+        return _input_grad_flip(weight, dy, padding).reshape(x.shape), dw, db
+    if _is_pointwise((kh, kw), padding, stride):                        # cols = x itself
+        x3 = x.reshape(n, c, -1)
+        dw = _weight_grad(x3, dy3).reshape(weight.shape)
+        dx = xp.matmul(weight.reshape(f, c).T, dy3)                     # col2im of 1x1 is the identity
+        return dx.reshape(x.shape), dw, db
+    parts = pieces(x.shape, (kh, kw), padding, stride, x.itemsize)
+    _, _, _, (oh, ow) = kernels.normalize(x.shape, (kh, kw), padding, stride)
+    w2t = weight.reshape(f, -1).T                                       # (K, F)
+    dw2 = None
+    dx = None if len(parts) == 1 or method != "im2col" else xp.zeros(x.shape, dtype=x.dtype)
+    for piece in parts:
+        band = _band(x, piece)
+        cols = _columns(band, (kh, kw), piece.padding, stride)          # (m, K, rows*OW)
+        (r0, r1) = piece.out_rows
+        dy_piece = dy3[piece.image, :, r0 * ow:r1 * ow]                 # (m, F, rows*OW)
+        part = _weight_grad(cols, dy_piece)                             # (F, K)
+        dw2 = part if dw2 is None else dw2 + part
+        if method == "im2col":
+            # dcols = W2^T @ dY into the workspace (the columns have served), then col2im
+            dcols = xp.matmul(w2t, dy_piece, out=_scratch(xp, cols.shape, dy.dtype))
+            if dx is None:                                              # one piece: the whole dx
+                dx = kernels.col2im(dcols, x.shape, (kh, kw), padding, stride)
+            else:
+                lo, hi = piece.in_rows
+                dx[piece.image, :, lo:hi] += kernels.col2im(dcols, band.shape, (kh, kw), piece.padding, stride)
+    dw = dw2.reshape(weight.shape)
+    if method != "im2col":
         dx = _input_grad_flip(weight, dy, padding)
     return dx.reshape(x.shape), dw, db
 
 
+def _weight_grad(cols, dy3):
+    """dW2 = sum_n dY[n] @ cols[n]^T: (F, K) from cols (N, K, P) and dY (N, F, P)."""
+    xp = get_array_module(cols)
+    n, f, p = dy3.shape
+    if p <= SMALL_IMAGE_PIXELS:
+        # Deep in the U-Net the images are small (P = 64 at 8x8) and the sum over n of
+        # products with an inner dimension of P is mostly the writing of N large (F, K)
+        # results. Lay the batch side by side instead, (F, N*P) @ (N*P, K): one product,
+        # one result; the two copies cost little at this P (measured 80 -> 13 ms for
+        # 1024 -> 1024 channels at 8x8, batch 2).
+        dy_wide = dy3.transpose(1, 0, 2).reshape(f, n * p)
+        cols_wide = cols.transpose(1, 0, 2).reshape(-1, n * p)
+        return xp.matmul(dy_wide, cols_wide.T)
+    # Computed transposed, as sum_n cols[n] @ dY[n]^T: the same numbers, but OpenBLAS splits
+    # a (K, P) @ (P, F) product well across threads, while (F, P) @ (P, K) with its long inner
+    # dimension ran 20 to 60 times slower here whenever another process held a core.
+    dw2t = xp.matmul(cols[0], dy3[0].T)                                 # (K, F)
+    for b in range(1, n):
+        dw2t += xp.matmul(cols[b], dy3[b].T)
+    return dw2t.T
+
+
 def _input_grad_flip(weight, dy, padding):
     """dx as the convolution of dy with the turned, transposed filters ('flip' above)."""
-    xp = get_array_module(dy)
     f, c, kh, kw = weight.shape
     (pt, pb), (pl, pr) = padding
-    turned = xp.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))  # (C, F, kh, kw)
-    dcols = _columns(dy, (kh, kw), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)), (1, 1))
-    return xp.matmul(turned.reshape(c, -1), dcols)                    # (N, C, H*W), fresh
+    turned = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, -1)   # (C, F*kh*kw), a copy
+    return _product(turned, dy, (kh, kw), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)), (1, 1))
 
 
 def _flat_padded(x, padding, kw):
