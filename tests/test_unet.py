@@ -275,6 +275,20 @@ def test_tracer_sees_every_layer_forward_and_backward():
     assert recorder.backward[0] == "head.out" and recorder.backward[-1] == "down1.conv1"
 
 
+def test_backward_frees_what_each_layer_kept_for_it():
+    """After model.backward no layer holds an activation (PyTorch frees its saved tensors the
+    same way); a second backward without a forward says forward must come first."""
+    model = UNet(base_width=4, depth=2)
+    y = model.forward(np.random.default_rng(0).random((1, 1, 16, 16), dtype=np.float32))
+    kept = [name for name, layer in model.layers.items() if any(getattr(layer, a) is not None for a in layer._saved)]
+    assert "down1.conv1" in kept and "down1.relu1" in kept and "down1.pool" in kept
+    model.backward(np.ones_like(y))
+    assert [name for name, layer in model.layers.items()
+            if any(getattr(layer, a) is not None for a in layer._saved)] == []
+    with pytest.raises(RuntimeError, match="backward\\(\\) called before forward\\(\\)"):
+        model.backward(np.ones_like(y))
+
+
 def test_summary_table_and_totals():
     model = UNet()
     lines = []

@@ -41,6 +41,8 @@ def sigmoid(x):
 
 
 class ReLU(Layer):
+    _saved = ("_positive",)
+
     def __init__(self, name: str | None = None):
         super().__init__(name)
         self._positive = None
@@ -71,6 +73,8 @@ class ReLU(Layer):
 
 
 class Sigmoid(Layer):
+    _saved = ("_y",)
+
     def __init__(self, name: str | None = None):
         super().__init__(name)
         self._y = None

@@ -78,6 +78,17 @@ class Layer:
         self.grads = {k: v.astype(dtype, copy=False) for k, v in self.grads.items()}
         return self
 
+    # -- what forward keeps for backward ------------------------------------------------------
+    _saved: tuple[str, ...] = ()        # the attributes that hold it, named by each layer
+
+    def release(self):
+        """Drop what forward kept for backward. A network calls this right after the layer's
+        backward, so each activation is freed as soon as the backward pass is past it (as
+        PyTorch's autograd frees its saved tensors) instead of living until the next forward.
+        A backward() after release() says that forward() must run first."""
+        for name in self._saved:
+            setattr(self, name, None)
+
     def zero_grad(self):
         for key, value in self.params.items():
             self.grads[key] = get_array_module(value).zeros_like(value)

@@ -37,6 +37,8 @@ from tinyunet.kernels import cpu_layers
 from .base import Layer, LayerInputError
 
 class MaxPool2d(Layer):
+    _saved = ("_x_shape", "_argmax")
+
     def __init__(self, kernel_size: int = 2, stride: int | None = None, name: str | None = None):
         super().__init__(name)
         if int(kernel_size) < 1 or (stride is not None and int(stride) < 1):
