@@ -139,11 +139,13 @@ def torch_step_fn(size: int, batch: int, device: str):
 # ---------------------------------------------------------------------------------------------
 # one framework, one size, in this process
 # ---------------------------------------------------------------------------------------------
-def worker(framework: str, size: int, batch: int, steps: int, device: str) -> dict:
+def worker(framework: str, size: int, batch: int, steps: int, device: str, conv_method: str = "auto") -> dict:
     make = tinyunet_step_fn if framework == "tinyunet" else torch_step_fn
     if framework == "tinyunet":                     # import first, so the baseline includes it
         import tinyunet.kernels
         import tinyunet.unet  # noqa: F401
+        from tinyunet.layers import conv
+        conv.use_method(conv_method)
         tinyunet.kernels.implementation_for(__import__("numpy").zeros(1))   # loads Numba
     else:
         import torch  # noqa: F401
@@ -165,7 +167,8 @@ def worker(framework: str, size: int, batch: int, steps: int, device: str) -> di
 
 def run_worker(framework, size, args) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--sizes", str(size),
-               "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device]
+               "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device,
+               "--conv-method", args.conv_method]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the {framework} benchmark at {size}x{size} failed:\n{done.stderr[-3000:]}")
@@ -198,6 +201,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=1, help="alternate the frameworks' processes this many times")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
+    parser.add_argument("--conv-method", default="auto", help="force one tinyunet conv method for every "
+                        "layer (im2col, flip, shifted, winograd); auto: tinyunet's choice")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -205,7 +210,7 @@ def main(argv=None):
         parser.error("--steps, --rounds and --batch must be >= 1")
 
     if args.worker:
-        print(json.dumps(worker(args.worker, args.sizes[0], args.batch, args.steps, args.device)))
+        print(json.dumps(worker(args.worker, args.sizes[0], args.batch, args.steps, args.device, args.conv_method)))
         return 0
 
     frameworks = [f for f in args.frameworks if available(f)]

@@ -298,8 +298,9 @@ def run(args) -> dict:
             fns = {m: case.function(Implementation(m, "cpu" if device == "cpu" else "cuda", m, device),
                                     "forward+backward") for m in usable}
             medians = time_side_by_side(fns, args.repeats, sync, args.settle)
+            _, _, _, (oh, ow) = normalize(shape.x_shape, shape.kernel, shape.padding, shape.stride)
             chosen = conv_module.choose_method(shape.in_channels, shape.out_channels, shape.kernel,
-                                               shape.padding, shape.stride)
+                                               shape.padding, shape.stride, oh * ow)
             method_rows.append(dict(shape=shape.label, count=shape.count, chosen=chosen,
                                     ms={m: 1e3 * t for m, t in medians.items()}))
             progress.update()

@@ -242,7 +242,7 @@ def conv_cases(draw):
     return dict(g, f=draw(st.integers(1, 4)), dtype=np.float64)
 
 
-@pytest.mark.parametrize("method", ["auto", "im2col", "flip", "shifted"])
+@pytest.mark.parametrize("method", ["auto", "im2col", "flip", "shifted", "winograd"])
 @settings(max_examples=15)
 @given(g=conv_cases())
 def test_conv_methods_agree_with_the_naive_loops(method, g):
@@ -273,7 +273,7 @@ def test_conv_methods_agree_with_the_naive_loops(method, g):
         np.testing.assert_allclose(grad, expected_grads[name], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["im2col", "flip", "shifted"])
+@pytest.mark.parametrize("method", ["im2col", "flip", "shifted", "winograd"])
 def test_each_conv_method_passes_a_gradient_check(method):
     """The derivative itself, not just agreement between methods: directional checks on a
     'same' 3x3 and a Keras 2x2 (padding 0 before, 1 after)."""
@@ -378,15 +378,16 @@ def test_choose_method_follows_the_benchmark():
     from tinyunet.layers.conv import choose_method
     same3, same2 = ((1, 1), (1, 1)), ((0, 1), (0, 1))
     assert choose_method(64, 2, (3, 3), same3, (1, 1)) == "shifted"      # the U-Net head
-    assert choose_method(128, 64, (3, 3), same3, (1, 1)) == "flip"       # F < C
-    assert choose_method(128, 128, (3, 3), same3, (1, 1)) == "im2col"    # F = C
+    small = 16 * 16                                                         # below Winograd's size
+    assert choose_method(128, 64, (3, 3), same3, (1, 1), small) == "flip"       # F < C
+    assert choose_method(128, 128, (3, 3), same3, (1, 1), small) == "im2col"    # F = C
     assert choose_method(1024, 512, (2, 2), same2, (1, 1)) == "flip"
-    assert choose_method(64, 128, (3, 3), same3, (1, 1)) == "im2col"     # F > C
+    assert choose_method(64, 128, (3, 3), same3, (1, 1), small) == "im2col"     # F > C
     assert choose_method(64, 64, (3, 3), same3, (2, 2)) == "im2col"      # stride 2
     assert choose_method(2, 1, (1, 1), ((0, 0), (0, 0)), (1, 1)) != "shifted"
     with pytest.raises(ValueError, match="unknown conv method"):
         from tinyunet.layers.conv import use_method
-        use_method("winograd")
+        use_method("fft")
 
 
 # -- the benchmark runs end to end (tiny: a 4-channel U-Net on 16x16) ------------------------

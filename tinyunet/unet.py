@@ -236,6 +236,7 @@ class UNet:
         grad_input = layer.backward(grad_output)
         if self.tracer is not None:
             self.tracer.on_backward(name, layer, grad_input)
+        layer.release()          # its saved activations have served: free them now, not next step
         return grad_input
 
     # -- forward ------------------------------------------------------------------------------
@@ -491,8 +492,10 @@ class UNet:
             kept for backward                            every conv's input (float), every
                                                          ReLU mask (bool), pool argmax (int8),
                                                          dropout mask (float)
-            largest conv workspace                       im2col columns and their gradient,
-                                                         2 * N * C*kh*kw * OH*OW * itemsize
+            largest conv workspace                       the largest piece of a column matrix
+                                                         (tinyunet.layers.conv.pieces: at most
+                                                         WORKSPACE_BYTES unless one output row
+                                                         is larger); its gradient reuses it
         """
         records = self.layer_shapes(input_shape)
         item = self.dtype.itemsize
@@ -506,7 +509,7 @@ class UNet:
                 kh, kw = layer.kernel_size
                 macs = elements * layer.in_channels * kh * kw
                 kept += int(np.prod(in_shape)) * item
-                workspace = max(workspace, 2 * int(np.prod(in_shape[:2])) * kh * kw * int(np.prod(out[2:])) * item)
+                workspace = max(workspace, layer.workspace_bytes(in_shape))
             elif isinstance(layer, ReLU) or isinstance(layer, MaxPool2d):
                 kept += elements                                 # bool mask / int8 argmax
             elif isinstance(layer, Dropout):

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tinyunet import kernels
+from tinyunet.kernels import winograd
 from tinyunet.backend import get_array_module
 from tinyunet.init import initialize
 from tinyunet.kernels.geometry import as_padding, as_pair
@@ -69,6 +70,7 @@ def resolve_padding(padding, kernel: tuple[int, int], stride: tuple[int, int], h
 
 class Conv2d(Layer):
     """y = conv(x, W) + b; see the module docstring for the derivation of the backward."""
+    _saved = ("_x",)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, padding="same", stride=1,
                  bias: bool = True, *, weight_init: str = "he_normal", rng=None, seed: int | None = None,
@@ -111,6 +113,32 @@ class Conv2d(Layer):
         self._x, self._geometry = x, pad
         return y
 
+    def workspace_bytes(self, x_shape) -> int:
+        """The reused buffer this layer's forward and backward need for an x of ``x_shape``:
+        the largest piece of a column matrix (see pieces), Winograd's V and M, or the padded
+        copy of 'shifted'."""
+        n, c, h, w = x_shape
+        f, itemsize = self.out_channels, np.dtype(self.dtype).itemsize
+        pad = resolve_padding(self.padding, self.kernel_size, self.stride, (h, w))
+        (kh, kw), stride = self.kernel_size, self.stride
+        method = _resolve_method(self.params["weight"], pad, stride, x_shape)
+        if method == "shifted":
+            (pt, pb), (pl, pr) = pad
+            return n * c * ((h + pt + pb) * (w + pl + pr) + kw - 1) * itemsize
+        if _is_pointwise((kh, kw), pad, stride):
+            return 0
+        if method == "winograd":            # V and M of the largest piece
+            return max((n if piece.image == slice(None) else 1) * 16 * (c + f) * int(np.prod(
+                winograd.tiles(piece.out_rows[1] - piece.out_rows[0], w + pad[1][0] + pad[1][1] - 2))) * itemsize
+                for piece in _winograd_pieces(x_shape, f, pad, itemsize))
+        largest = _largest_piece(x_shape, (kh, kw), pad, stride, itemsize)
+        if method == "flip":                  # dx: the columns of dy, padded by kernel - 1 - padding
+            (pt, pb), (pl, pr) = pad
+            flip_pad = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
+            dy_shape = self.output_shape(x_shape)
+            largest = max(largest, _largest_piece(dy_shape, (kh, kw), flip_pad, (1, 1), itemsize))
+        return largest
+
     def backward(self, dy):
         """dy: (N, F, OH, OW) -> dx: (N, C, H, W); fills grads['weight'] and grads['bias']."""
         x = self._x
@@ -130,7 +158,7 @@ class Conv2d(Layer):
 # ::test_each_conv_method_passes_a_gradient_check); tinyunet.kernels.bench times each of them
 # on every conv of the U-Net, and choose_method encodes what it measured.
 # ---------------------------------------------------------------------------------------------
-METHODS = ("im2col", "flip", "shifted")
+METHODS = ("im2col", "flip", "shifted", "winograd")
 # im2col   the derivation above, as written: Y[n] = W2 @ cols[n]; dx = col2im(W2^T @ dY[n]).
 #
 # flip     forward and dW as im2col; dx computed as a convolution of dY instead of a col2im.
@@ -155,7 +183,20 @@ METHODS = ("im2col", "flip", "shifted")
 #          kw - 1 + left + right extra columns that are dropped. dW[:, :, i, j] is the same
 #          view against dY widened by zeros, and dx comes from 'flip'. With F = 2 the column
 #          matrix (C*kh*kw rows) would cost far more to write than the products cost to compute.
+#
+# winograd for 3x3 stride-1 convs: Winograd's F(2x2, 3x3) (kernels/winograd.py derives it).
+#          Each 2x2 output tile from its 4x4 input patch with 16 multiplications instead of 36:
+#          transform the filters (U: 16 x (F, C)) and the patches (V: 16 x (C, tiles)), do 16
+#          matrix products M[k] = U[k] @ V[k], transform M back. 2.25x fewer multiply-adds
+#          than im2col, and V holds 16 numbers per 4 pixels where the columns hold 9 per pixel.
+#          Its backward runs the same linear steps transposed: dU[k] = dM[k] @ V[k]^T,
+#          dV[k] = U[k]^T @ dM[k]. Float32 results differ from im2col's by rounding only
+#          (relative 1e-6); the float64 checks hold to 1e-10.
 SHIFTED_MAX_OUT_CHANNELS = 8        # "shifted" up to this many output channels (bench: 2)
+WINOGRAD_MIN_CHANNELS = 16          # "winograd" from this many in and out channels ...
+WINOGRAD_MIN_PIXELS = 32 * 32       # ... and output pixels: below, its 16 transformed copies of
+                                    # the weights cost more than the products save (bench: 2x
+                                    # slower at 16x16 with 512-1024 channels, 0.65-0.9x at >= 32x32)
 SMALL_IMAGE_PIXELS = 1024           # dW from one product over the whole batch up to 32x32
 _method = "auto"                    # set by use_method / using_method
 _workspace: dict = {}               # reused buffers, see _scratch
@@ -167,16 +208,23 @@ def method_applies(method: str, kernel, padding, stride) -> bool:
     if method == "im2col":
         return True
     (kh, kw), ((pt, pb), (pl, pr)) = kernel, padding
+    if method == "winograd":
+        return (kh, kw) == (3, 3) and tuple(stride) == (1, 1)
     return tuple(stride) == (1, 1) and max(pt, pb) <= kh - 1 and max(pl, pr) <= kw - 1
 
 
-def choose_method(in_channels: int, out_channels: int, kernel, padding, stride) -> str:
+def choose_method(in_channels: int, out_channels: int, kernel, padding, stride, pixels: int | None = None) -> str:
     """The method the benchmark found fastest (kernels/RESULTS.md, "conv methods"): 'shifted'
-    for a handful of output channels, 'flip' when F < C (its dy copy is then the smaller
-    one; at F = C col2im's path measured as fast or faster), else 'im2col'."""
+    for a handful of output channels; 'winograd' for 3x3 stride-1 convs of at least
+    WINOGRAD_MIN_CHANNELS channels on images of at least WINOGRAD_MIN_PIXELS output pixels
+    (``pixels`` = OH*OW; None: large enough); 'flip' when F < C (its dy copy is then the
+    smaller one; at F = C col2im's path measured as fast or faster); else 'im2col'."""
     if method_applies("shifted", kernel, padding, stride) and out_channels <= SHIFTED_MAX_OUT_CHANNELS \
             and tuple(kernel) != (1, 1):
         return "shifted"
+    if method_applies("winograd", kernel, padding, stride) and min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS \
+            and (pixels is None or pixels >= WINOGRAD_MIN_PIXELS):
+        return "winograd"
     if method_applies("flip", kernel, padding, stride) and out_channels < in_channels:
         return "flip"
     return "im2col"
@@ -202,10 +250,11 @@ def using_method(name: str):
         use_method(previous)
 
 
-def _resolve_method(weight, padding, stride) -> str:
+def _resolve_method(weight, padding, stride, x_shape) -> str:
     f, c, kh, kw = weight.shape
     if _method == "auto":
-        return choose_method(c, f, (kh, kw), padding, stride)
+        _, _, _, (oh, ow) = kernels.normalize(x_shape, (kh, kw), padding, stride)
+        return choose_method(c, f, (kh, kw), padding, stride, oh * ow)
     if not method_applies(_method, (kh, kw), padding, stride):
         return "im2col"        # a forced method that cannot do this geometry: the general one
     return _method
@@ -266,17 +315,20 @@ class Piece(NamedTuple):
     padding: tuple                  # the band's own ((top, bottom), (left, right))
 
 
-def pieces(x_shape, kernel, padding, stride, itemsize, limit=None) -> list[Piece]:
+def pieces(x_shape, kernel, padding, stride, itemsize, limit=None, row_bytes=None, row_multiple=1) -> list[Piece]:
     """The pieces whose column matrices each fit ``limit`` bytes (WORKSPACE_BYTES): the whole
     batch when it fits, else one image at a time, in bands of output rows when one image is
-    too large (bands need padding <= kernel - 1, so that every band reads the image)."""
+    too large (bands need padding <= kernel - 1, so that every band reads the image).
+    ``row_bytes``: the workspace one output row needs (default: its im2col columns);
+    ``row_multiple``: bands start at multiples of it (2 for Winograd's 2x2 tiles)."""
     limit = WORKSPACE_BYTES if limit is None else limit
     n, c, h, w = x_shape
     (kh, kw), ((pt, pb), (pl, pr)), (sh, sw), (oh, ow) = kernels.normalize(x_shape, kernel, padding, stride)
-    row_bytes = c * kh * kw * ow * itemsize                       # one output row's columns
+    row_bytes = c * kh * kw * ow * itemsize if row_bytes is None else row_bytes
     if n * oh * row_bytes <= limit:
         return [Piece(slice(None), (0, oh), (0, h), padding)]
-    rows = oh if max(pt, pb) > kh - 1 else max(1, min(oh, limit // row_bytes))
+    fitting = max(row_multiple, limit // row_bytes // row_multiple * row_multiple)
+    rows = oh if max(pt, pb) > kh - 1 else min(oh, fitting)
     result = []
     for b in range(n):
         for r0 in range(0, oh, rows):
@@ -285,6 +337,14 @@ def pieces(x_shape, kernel, padding, stride, itemsize, limit=None) -> list[Piece
             lo, hi = max(first, 0), min(stop, h)
             result.append(Piece(slice(b, b + 1), (r0, r1), (lo, hi), ((lo - first, stop - hi), (pl, pr))))
     return result
+
+
+def _largest_piece(x_shape, kernel, padding, stride, itemsize) -> int:
+    """Bytes of the largest column matrix among x's pieces."""
+    n, c = x_shape[:2]
+    (kh, kw), _, _, (_, ow) = kernels.normalize(x_shape, kernel, padding, stride)
+    return max((n if piece.image == slice(None) else 1) * c * kh * kw * (piece.out_rows[1] - piece.out_rows[0])
+               * ow * itemsize for piece in pieces(x_shape, kernel, padding, stride, itemsize))
 
 
 def _band(x, piece: Piece):
@@ -312,8 +372,11 @@ def conv2d_forward(x, weight, bias, padding, stride):
     f, c, kh, kw = weight.shape
     n = x.shape[0]
     _, _, _, (oh, ow) = kernels.normalize(x.shape, (kh, kw), padding, stride)
-    if _resolve_method(weight, padding, stride) == "shifted":
+    method = _resolve_method(weight, padding, stride, x.shape)
+    if method == "shifted":
         return _forward_shifted(x, weight, bias, padding)
+    if method == "winograd":
+        return _forward_winograd(x, weight, bias, padding)
     y = _product(weight.reshape(f, -1), x, (kh, kw), padding, stride)   # (N, F, OH*OW): W2 @ cols
     if bias is not None:
         y += bias[:, None]
@@ -325,12 +388,14 @@ def conv2d_backward(x, weight, has_bias: bool, dy, padding, stride):
     xp = get_array_module(dy)
     f, c, kh, kw = weight.shape
     n = x.shape[0]
-    method = _resolve_method(weight, padding, stride)
+    method = _resolve_method(weight, padding, stride, x.shape)
     dy3 = dy.reshape(n, f, -1)                                          # (N, F, P)
     db = dy3.sum(axis=2).sum(axis=0) if has_bias else None
     if method == "shifted":
         dw = _weight_grad_shifted(x, weight.shape, dy, padding)
         return _input_grad_flip(weight, dy, padding).reshape(x.shape), dw, db
+    if method == "winograd":
+        return (*_backward_winograd(x, weight, dy, padding), db)
     if _is_pointwise((kh, kw), padding, stride):                        # cols = x itself
         x3 = x.reshape(n, c, -1)
         dw = _weight_grad(x3, dy3).reshape(weight.shape)
@@ -390,6 +455,78 @@ def _input_grad_flip(weight, dy, padding):
     (pt, pb), (pl, pr) = padding
     turned = weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(c, -1)   # (C, F*kh*kw), a copy
     return _product(turned, dy, (kh, kw), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)), (1, 1))
+
+
+def _winograd_pieces(x_shape, f, padding, itemsize):
+    """pieces() for Winograd: per output row, V and M hold 8 * (C + F) numbers per tile column."""
+    n, c, h, w = x_shape
+    ow = w + padding[1][0] + padding[1][1] - 2
+    tiles_w = winograd.tiles(1, ow)[1]
+    return pieces(x_shape, (3, 3), padding, (1, 1), itemsize, row_bytes=8 * (c + f) * tiles_w * itemsize,
+                  row_multiple=2)
+
+
+def _winograd_geometry(band_shape, piece):
+    """(top, left, rows, OW, tiles_h, tiles_w) of one piece."""
+    (top, _), (left, right) = piece.padding
+    rows, ow = piece.out_rows[1] - piece.out_rows[0], band_shape[3] + left + right - 2
+    return (top, left, rows, ow) + winograd.tiles(rows, ow)
+
+
+def _forward_winograd(x, weight, bias, padding):
+    """y by F(2x2, 3x3), piece by piece: V = input transform, M[k] = U[k] @ V[k], y = A^T M A."""
+    xp = get_array_module(x)
+    n, c, h, w = x.shape
+    f = weight.shape[0]
+    u = winograd.weight_transform(weight)                               # (16, F, C)
+    _, _, _, (oh, ow) = kernels.normalize(x.shape, (3, 3), padding, (1, 1))
+    parts = _winograd_pieces(x.shape, f, padding, x.itemsize)
+    y = None if len(parts) == 1 else xp.empty((n, f, oh, ow), dtype=x.dtype)
+    for piece in parts:
+        band = _band(x, piece)
+        top, left, rows, _, th, tw = _winograd_geometry(band.shape, piece)
+        m_images = band.shape[0]
+        v = winograd.input_transform(band, top, left, th, tw,
+                                     out=_scratch(xp, (16, c, m_images * th * tw), x.dtype, slot="winograd_v"))
+        m = xp.matmul(u, v, out=_scratch(xp, (16, f, m_images * th * tw), x.dtype, slot="winograd_m"))
+        if y is None:
+            return winograd.output_transform(m, n, oh, ow, bias)
+        r0, r1 = piece.out_rows
+        y[piece.image, :, r0:r1] = winograd.output_transform(m, m_images, rows, ow, bias)
+    return y
+
+
+def _backward_winograd(x, weight, dy, padding):
+    """(dx, dW) by the transposed steps: dM = A dY A^T, dU = dM V^T, dV = U^T dM, dx = B dV B^T."""
+    xp = get_array_module(dy)
+    n, c, h, w = x.shape
+    f = weight.shape[0]
+    u = winograd.weight_transform(weight)                               # (16, F, C)
+    ut = xp.ascontiguousarray(u.transpose(0, 2, 1))                     # (16, C, F)
+    parts = _winograd_pieces(x.shape, f, padding, x.itemsize)
+    du_t = None                                                         # dU^T: (16, C, F)
+    dx = None if len(parts) == 1 else xp.zeros(x.shape, dtype=x.dtype)
+    for piece in parts:
+        band = _band(x, piece)
+        top, left, rows, ow, th, tw = _winograd_geometry(band.shape, piece)
+        m_images, tile_count = band.shape[0], band.shape[0] * th * tw
+        r0, r1 = piece.out_rows
+        v = winograd.input_transform(band, top, left, th, tw,
+                                     out=_scratch(xp, (16, c, tile_count), x.dtype, slot="winograd_v"))
+        dm = winograd.output_transform_backward(dy[piece.image, :, r0:r1],
+                                                out=_scratch(xp, (16, f, tile_count), x.dtype, slot="winograd_m"))
+        # dU^T[k] = V[k] @ dM[k]^T: the long dimension (tiles) inside, as conv2d_backward's dW
+        part = xp.matmul(v, dm.transpose(0, 2, 1))
+        du_t = part if du_t is None else du_t + part
+        dv = xp.matmul(ut, dm, out=v)                                   # V has served: reuse it
+        band_dx = winograd.input_transform_backward(dv, band.shape, top, left, th, tw)
+        if dx is None:
+            dx = band_dx
+        else:
+            lo, hi = piece.in_rows
+            dx[piece.image, :, lo:hi] += band_dx
+    dw = winograd.weight_transform_backward(xp.ascontiguousarray(du_t.transpose(0, 2, 1)))
+    return dx, dw
 
 
 def _flat_padded(x, padding, kw):

@@ -1,0 +1,349 @@
+"""Winograd's minimal filtering F(2x2, 3x3): a 3x3 stride-1 convolution with 2.25x fewer
+multiplications than im2col + GEMM, and its backward as the same steps run in reverse.
+
+Lavin and Gray (2016), "Fast Algorithms for Convolutional Neural Networks". Cut the output
+into 2x2 tiles; the tile at (2i, 2j) reads the 4x4 input patch d at rows 2i..2i+3 and columns
+2j..2j+3 of the zero-padded input. For one input channel and one filter g (3x3),
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A          (* element-wise on 4x4; Y is the 2x2 tile)
+
+gives the tile's four outputs exactly (in exact arithmetic) with 16 multiplications instead of
+36. With the matrices below, write U = G g G^T (per filter f and channel c), V = B^T d B (per
+channel c and tile t), and the sum over channels becomes 16 matrix products, one per position
+k = (a, b) of the 4x4 grid:
+
+    U: (16, F, C)    V: (16, C, T)    M[k] = U[k] @ V[k]: (16, F, T)    Y = A^T M A per tile
+
+T = N * tiles_h * tiles_w. Those products do 16 F C T = 4 F C N OH OW multiply-adds, against
+9 F C N OH OW for im2col: the saving that pays for the three transforms.
+
+Backward. Every step above is linear, so its gradient is its transpose, in reverse order:
+
+    dM = A dY A^T                    (per tile: the transpose of the output transform)
+    dU[k] = dM[k] @ V[k]^T           (16 products, summed over tiles: the weight gradient in
+    dg = G^T dU G                     the transformed space, then back to 3x3)
+    dV[k] = U[k]^T @ dM[k]           (16 products)
+    dd = B dV B^T, added into dx     (patches overlap by 2 rows and columns: a pixel gets the
+                                      sum of every patch that read it, as col2im)
+
+This module holds the matrices, the weight transforms, and the four data transforms twice:
+``*_reference`` written with array slicing and einsum (NumPy and CuPy: the oracle), and Numba
+kernels for NumPy arrays that do each in one pass over memory. ``input_transform`` and the
+three others pick the kernel for NumPy arrays and the reference otherwise, as tinyunet.kernels
+does for im2col (TINYUNET_KERNELS=reference forces the reference).
+Tests: tests/test_winograd.py (each kernel against its reference, the transforms against the
+direct convolution, and the adjoint identities).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tinyunet.backend import get_array_module
+
+from . import forced
+
+try:  # Numba is a dependency, but the reference works without it
+    from numba import njit, prange
+except ImportError:  # pragma: no cover
+    njit = None
+
+#: G: (4, 3), the filter transform; B^T: (4, 4), the input transform; A^T: (2, 4), the output
+#: transform (Lavin and Gray, F(2x2, 3x3), with the interpolation points 0, 1, -1).
+G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+BT = np.array([[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, -1.0, 1.0, 0.0], [0.0, 1.0, 0.0, -1.0]])
+AT = np.array([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]])
+
+
+def tiles(out_h: int, out_w: int) -> tuple[int, int]:
+    """Tiles per column and per row: an odd output size gets a last tile half outside."""
+    return (out_h + 1) // 2, (out_w + 1) // 2
+
+
+# -- the filters: small, so plain einsum -------------------------------------------------------
+
+def weight_transform(weight):
+    """weight g: (F, C, 3, 3) -> U: (16, F, C), U[a*4 + b] = (G g G^T)[a, b]."""
+    xp = get_array_module(weight)
+    g = xp.asarray(G, dtype=weight.dtype)
+    # two tensordots (each one matrix product) instead of one einsum, which ran 30 ms at 512x512
+    right = xp.tensordot(weight, g, axes=([3], [1]))                  # g G^T: (F, C, 3, 4)
+    u = xp.tensordot(g, right, axes=([1], [2]))                       # G g G^T: (4a, F, C, 4b)
+    return xp.ascontiguousarray(u.transpose(0, 3, 1, 2)).reshape(16, *weight.shape[:2])
+
+
+def weight_transform_backward(du):
+    """dU: (16, F, C) -> dg: (F, C, 3, 3) = G^T dU G, the transpose of weight_transform."""
+    xp = get_array_module(du)
+    g = xp.asarray(G, dtype=du.dtype)
+    left = xp.tensordot(g, du.reshape(4, 4, *du.shape[1:]), axes=([0], [0]))   # G^T dU: (3i, 4b, F, C)
+    dg = xp.tensordot(left, g, axes=([1], [0]))                                # G^T dU G: (3i, F, C, 3j)
+    return xp.ascontiguousarray(dg.transpose(1, 2, 0, 3))
+
+
+# -- the data transforms, reference versions: slicing and einsum (NumPy or CuPy) -----------------
+
+def _padded_for_tiles(x, top, left, tiles_h, tiles_w):
+    """x with top/left zeros, and enough zeros below and right for every tile's 4x4 patch."""
+    xp = get_array_module(x)
+    n, c, h, w = x.shape
+    out = xp.zeros((n, c, 2 * tiles_h + 2, 2 * tiles_w + 2), dtype=x.dtype)
+    rows, cols = min(h, out.shape[2] - top), min(w, out.shape[3] - left)
+    out[:, :, top:top + rows, left:left + cols] = x[:, :, :rows, :cols]
+    return out
+
+
+def input_transform_reference(x, top, left, tiles_h, tiles_w):
+    """x: (N, C, H, W) -> V: (16, C, T), V[:, c, t] = B^T d B for the patch d of tile t."""
+    xp = get_array_module(x)
+    n, c = x.shape[:2]
+    padded = _padded_for_tiles(x, top, left, tiles_h, tiles_w)
+    patches = xp.stack([xp.stack([padded[:, :, a:a + 2 * tiles_h:2, b:b + 2 * tiles_w:2] for b in range(4)], -1)
+                        for a in range(4)], -2)                           # (N, C, th, tw, 4, 4)
+    bt = xp.asarray(BT, dtype=x.dtype)
+    v = xp.einsum("ka,nctuab,lb->klcntu", bt, patches, bt)                # (4, 4, C, N, th, tw)
+    return xp.ascontiguousarray(v.reshape(16, c, n * tiles_h * tiles_w))
+
+
+def output_transform_reference(m, n, out_h, out_w, bias=None):
+    """M: (16, F, T) -> y: (N, F, OH, OW), each 2x2 tile A^T M A, plus bias (F,) if given."""
+    xp = get_array_module(m)
+    f = m.shape[1]
+    th, tw = tiles(out_h, out_w)
+    at = xp.asarray(AT, dtype=m.dtype)
+    y = xp.einsum("ak,klfntu,bl->nftaub", at, m.reshape(4, 4, f, n, th, tw), at)   # (N, F, th, 2, tw, 2)
+    y = y.reshape(n, f, 2 * th, 2 * tw)[:, :, :out_h, :out_w]
+    if bias is not None:
+        y = y + bias[:, None, None]
+    return xp.ascontiguousarray(y)
+
+
+def output_transform_backward_reference(dy):
+    """dY: (N, F, OH, OW) -> dM: (16, F, T) = A dY A^T per tile (outputs past OH, OW are 0)."""
+    xp = get_array_module(dy)
+    n, f, out_h, out_w = dy.shape
+    th, tw = tiles(out_h, out_w)
+    full = xp.zeros((n, f, 2 * th, 2 * tw), dtype=dy.dtype)
+    full[:, :, :out_h, :out_w] = dy
+    at = xp.asarray(AT, dtype=dy.dtype)
+    dm = xp.einsum("ak,nftaub,bl->klfntu", at, full.reshape(n, f, th, 2, tw, 2), at)
+    return xp.ascontiguousarray(dm.reshape(16, f, n * th * tw))
+
+
+def input_transform_backward_reference(dv, x_shape, top, left, tiles_h, tiles_w):
+    """dV: (16, C, T) -> dx: (N, C, H, W), each patch's B dV B^T added where it was read."""
+    xp = get_array_module(dv)
+    n, c, h, w = x_shape
+    bt = xp.asarray(BT, dtype=dv.dtype)
+    dd = xp.einsum("ka,klcntu,lb->nctuab", bt, dv.reshape(4, 4, c, n, tiles_h, tiles_w), bt)
+    padded = xp.zeros((n, c, 2 * tiles_h + 2, 2 * tiles_w + 2), dtype=dv.dtype)
+    for a in range(4):
+        for b in range(4):
+            padded[:, :, a:a + 2 * tiles_h:2, b:b + 2 * tiles_w:2] += dd[..., a, b]
+    dx = xp.zeros(x_shape, dtype=dv.dtype)
+    rows, cols = min(h, padded.shape[2] - top), min(w, padded.shape[3] - left)
+    dx[:, :, :rows, :cols] = padded[:, :, top:top + rows, left:left + cols]
+    return dx
+
+
+# -- the same four, as Numba kernels: one pass, every core ----------------------------------------
+# Work is split so that no two threads write the same element: by (image, channel) plane for
+# the transforms that read or write planes, and V / M are written at [k, channel, tile].
+
+if njit is not None:
+    @njit(cache=True, inline="always")
+    def _bt_rows(d0, d1, d2, d3):
+        """B^T applied to one column of four values."""
+        return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def _input_kernel(x, v, top, left, tiles_h, tiles_w):
+        """One tile row at a time: its 4 input rows copied into a zero-padded buffer, B^T down
+        the columns for the whole row at once, then B along each tile's 4 columns. Every loop
+        runs over contiguous or stride-2 memory, so LLVM vectorises it."""
+        n, c, h, w = x.shape
+        width = 2 * tiles_w + 2
+        copied = min(w, width - left)                # image columns that land in the buffer
+        for task in prange(n * c):
+            b = task // c
+            ch = task - b * c
+            rows = np.zeros((4, width), dtype=x.dtype)
+            down = np.empty((4, width), dtype=x.dtype)
+            t0 = b * tiles_h * tiles_w
+            for i in range(tiles_h):
+                for a in range(4):
+                    row = 2 * i + a - top
+                    dst = rows[a, left:left + copied]
+                    if 0 <= row < h:
+                        src = x[b, ch, row]
+                        for e in range(copied):
+                            dst[e] = src[e]
+                    else:
+                        for e in range(copied):
+                            dst[e] = 0
+                for e in range(width):                       # B^T d, every column at once
+                    r0, r1, r2, r3 = rows[0, e], rows[1, e], rows[2, e], rows[3, e]
+                    down[0, e] = r0 - r2
+                    down[1, e] = r1 + r2
+                    down[2, e] = r2 - r1
+                    down[3, e] = r1 - r3
+                base = t0 + i * tiles_w
+                for a in range(4):                           # (B^T d) B, tile by tile
+                    src = down[a]
+                    v0 = v[4 * a, ch, base:base + tiles_w]
+                    v1 = v[4 * a + 1, ch, base:base + tiles_w]
+                    v2 = v[4 * a + 2, ch, base:base + tiles_w]
+                    v3 = v[4 * a + 3, ch, base:base + tiles_w]
+                    for j in range(tiles_w):
+                        d0, d1, d2, d3 = src[2 * j], src[2 * j + 1], src[2 * j + 2], src[2 * j + 3]
+                        v0[j] = d0 - d2
+                        v1[j] = d1 + d2
+                        v2[j] = d2 - d1
+                        v3[j] = d1 - d3
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def _output_kernel(m, y, bias, has_bias):
+        n, f, out_h, out_w = y.shape
+        tiles_h, tiles_w = (out_h + 1) // 2, (out_w + 1) // 2
+        for task in prange(n * f):
+            b = task // f
+            ch = task - b * f
+            add = bias[ch] if has_bias else 0
+            s = np.empty((2, 4), dtype=m.dtype)
+            t0 = b * tiles_h * tiles_w
+            for i in range(tiles_h):
+                for j in range(tiles_w):
+                    t = t0 + i * tiles_w + j
+                    for e in range(4):              # A^T M: two rows of four
+                        m0, m1, m2, m3 = m[e, ch, t], m[4 + e, ch, t], m[8 + e, ch, t], m[12 + e, ch, t]
+                        s[0, e] = m0 + m1 + m2
+                        s[1, e] = m1 - m2 - m3
+                    for a in range(2):              # (A^T M) A: two columns
+                        row = 2 * i + a
+                        if row < out_h:
+                            y[b, ch, row, 2 * j] = s[a, 0] + s[a, 1] + s[a, 2] + add
+                            if 2 * j + 1 < out_w:
+                                y[b, ch, row, 2 * j + 1] = s[a, 1] - s[a, 2] - s[a, 3] + add
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def _output_backward_kernel(dy, dm):
+        """One tile row at a time, as _input_kernel: A down the columns of the two dy rows
+        (A's rows: (1, 0), (1, 1), (1, -1), (0, -1)), then A^T along each tile's 2 columns."""
+        n, f, out_h, out_w = dy.shape
+        tiles_h, tiles_w = (out_h + 1) // 2, (out_w + 1) // 2
+        for task in prange(n * f):
+            b = task // f
+            ch = task - b * f
+            rows = np.zeros((2, 2 * tiles_w), dtype=dy.dtype)     # past out_w: stays 0
+            down = np.empty((4, 2 * tiles_w), dtype=dy.dtype)
+            t0 = b * tiles_h * tiles_w
+            for i in range(tiles_h):
+                for a in range(2):
+                    row = 2 * i + a
+                    dst = rows[a]
+                    if row < out_h:
+                        src = dy[b, ch, row]
+                        for e in range(out_w):
+                            dst[e] = src[e]
+                    else:
+                        for e in range(out_w):
+                            dst[e] = 0
+                for e in range(2 * tiles_w):                 # A g, every column at once
+                    g0, g1 = rows[0, e], rows[1, e]
+                    down[0, e] = g0
+                    down[1, e] = g0 + g1
+                    down[2, e] = g0 - g1
+                    down[3, e] = -g1
+                base = t0 + i * tiles_w
+                for a in range(4):                           # (A g) A^T, tile by tile
+                    src = down[a]
+                    m0 = dm[4 * a, ch, base:base + tiles_w]
+                    m1 = dm[4 * a + 1, ch, base:base + tiles_w]
+                    m2 = dm[4 * a + 2, ch, base:base + tiles_w]
+                    m3 = dm[4 * a + 3, ch, base:base + tiles_w]
+                    for j in range(tiles_w):
+                        r0, r1 = src[2 * j], src[2 * j + 1]
+                        m0[j] = r0
+                        m1[j] = r0 + r1
+                        m2[j] = r0 - r1
+                        m3[j] = -r1
+
+    @njit(cache=True, inline="always")
+    def _b_rows(v0, v1, v2, v3):
+        """B applied to one column of four values (the transpose of _bt_rows)."""
+        return v0, v1 - v2 + v3, v1 + v2 - v0, -v3
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def _input_backward_kernel(dv, dx, top, left, tiles_h, tiles_w):
+        n, c, h, w = dx.shape
+        for task in prange(n * c):
+            b = task // c
+            ch = task - b * c
+            plane = dx[b, ch]
+            for yy in range(h):
+                for xx in range(w):
+                    plane[yy, xx] = 0
+            d = np.empty((4, 4), dtype=dv.dtype)
+            t0 = b * tiles_h * tiles_w
+            for i in range(tiles_h):
+                for j in range(tiles_w):
+                    t = t0 + i * tiles_w + j
+                    for a in range(4):
+                        for e in range(4):
+                            d[a, e] = dv[4 * a + e, ch, t]
+                    for e in range(4):              # B dV: down each column
+                        d[0, e], d[1, e], d[2, e], d[3, e] = _b_rows(d[0, e], d[1, e], d[2, e], d[3, e])
+                    for a in range(4):              # (B dV) B^T: along each row, added where read
+                        row = 2 * i + a - top
+                        if row < 0 or row >= h:
+                            continue
+                        r = _b_rows(d[a, 0], d[a, 1], d[a, 2], d[a, 3])
+                        for e in range(4):
+                            col = 2 * j + e - left
+                            if 0 <= col < w:
+                                plane[row, col] += r[e]
+
+
+def _fast(*arrays) -> bool:
+    return njit is not None and forced() != "reference" and all(isinstance(a, np.ndarray) for a in arrays)
+
+
+def input_transform(x, top, left, tiles_h, tiles_w, out=None):
+    """x: (N, C, H, W) -> V: (16, C, N*tiles_h*tiles_w) (into ``out`` when given)."""
+    if not _fast(x):
+        return input_transform_reference(x, top, left, tiles_h, tiles_w)
+    x = np.ascontiguousarray(x)
+    n, c = x.shape[:2]
+    v = np.empty((16, c, n * tiles_h * tiles_w), dtype=x.dtype) if out is None else out
+    _input_kernel(x, v, top, left, tiles_h, tiles_w)
+    return v
+
+
+def output_transform(m, n, out_h, out_w, bias=None):
+    """M: (16, F, T) -> y: (N, F, OH, OW) + bias, a fresh array."""
+    if not _fast(m):
+        return output_transform_reference(m, n, out_h, out_w, bias)
+    y = np.empty((n, m.shape[1], out_h, out_w), dtype=m.dtype)
+    has_bias = bias is not None
+    _output_kernel(np.ascontiguousarray(m), y, bias if has_bias else np.zeros(1, m.dtype), has_bias)
+    return y
+
+
+def output_transform_backward(dy, out=None):
+    """dY: (N, F, OH, OW) -> dM: (16, F, T) (into ``out`` when given)."""
+    if not _fast(dy):
+        return output_transform_backward_reference(dy)
+    dy = np.ascontiguousarray(dy)
+    n, f, out_h, out_w = dy.shape
+    th, tw = tiles(out_h, out_w)
+    dm = np.empty((16, f, n * th * tw), dtype=dy.dtype) if out is None else out
+    _output_backward_kernel(dy, dm)
+    return dm
+
+
+def input_transform_backward(dv, x_shape, top, left, tiles_h, tiles_w):
+    """dV: (16, C, T) -> dx: (N, C, H, W), a fresh array."""
+    if not _fast(dv):
+        return input_transform_backward_reference(dv, x_shape, top, left, tiles_h, tiles_w)
+    dx = np.empty(tuple(int(s) for s in x_shape), dtype=dv.dtype)
+    _input_backward_kernel(np.ascontiguousarray(dv), dx, top, left, tiles_h, tiles_w)
+    return dx

@@ -1,0 +1,121 @@
+"""Winograd F(2x2, 3x3) (kernels/winograd.py): the transforms against the direct convolution,
+the Numba kernels against the reference, and each backward as the exact transpose."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyunet import kernels
+from tinyunet.kernels import winograd
+from tinyunet.layers import Conv2d, conv2d_naive
+from tinyunet.layers import conv
+
+
+@st.composite
+def cases(draw):
+    """A 3x3 stride-1 geometry: odd and even sizes, padding 0-2 on each side, asymmetric too."""
+    pads = ((draw(st.integers(0, 2)), draw(st.integers(0, 2))), (draw(st.integers(0, 2)), draw(st.integers(0, 2))))
+    h = draw(st.integers(max(1, 3 - pads[0][0] - pads[0][1]), 9))
+    w = draw(st.integers(max(1, 3 - pads[1][0] - pads[1][1]), 9))
+    return dict(n=draw(st.integers(1, 3)), c=draw(st.integers(1, 4)), f=draw(st.integers(1, 4)), h=h, w=w,
+                padding=pads, seed=draw(st.integers(0, 2 ** 16)))
+
+
+def transformed_conv(x, weight, bias, padding, fast: bool):
+    """y through the four steps, by the reference or by the Numba kernels."""
+    (top, bottom), (left, right) = padding
+    out_h, out_w = x.shape[2] + top + bottom - 2, x.shape[3] + left + right - 2
+    th, tw = winograd.tiles(out_h, out_w)
+    with kernels.using(None if fast else "reference"):
+        v = winograd.input_transform(x, top, left, th, tw)
+        m = np.matmul(winograd.weight_transform(weight), v)
+        return winograd.output_transform(m, x.shape[0], out_h, out_w, bias)
+
+
+@settings(max_examples=40, deadline=None)
+@given(g=cases())
+def test_the_transforms_compute_the_convolution(g):
+    rng = np.random.default_rng(g["seed"])
+    x = rng.standard_normal((g["n"], g["c"], g["h"], g["w"]))
+    weight, bias = rng.standard_normal((g["f"], g["c"], 3, 3)), rng.standard_normal(g["f"])
+    expected = conv2d_naive(x, weight, bias, g["padding"])
+    for fast in (False, True):
+        np.testing.assert_allclose(transformed_conv(x, weight, bias, g["padding"], fast), expected,
+                                   rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=30, deadline=None)
+@given(g=cases())
+def test_each_kernel_equals_its_reference_and_each_backward_is_the_transpose(g):
+    """<T a, b> = <a, T^T b> for every transform T and its backward, on random a and b:
+    the definition of the transpose, so the backward is the gradient of the forward."""
+    rng = np.random.default_rng(g["seed"])
+    (top, bottom), (left, right) = g["padding"]
+    n, c, f, h, w = g["n"], g["c"], g["f"], g["h"], g["w"]
+    out_h, out_w = h + top + bottom - 2, w + left + right - 2
+    th, tw = winograd.tiles(out_h, out_w)
+    x = rng.standard_normal((n, c, h, w))
+    dv = rng.standard_normal((16, c, n * th * tw))
+    m = rng.standard_normal((16, f, n * th * tw))
+    dy = rng.standard_normal((n, f, out_h, out_w))
+    weight, du = rng.standard_normal((f, c, 3, 3)), rng.standard_normal((16, f, c))
+    results = {}
+    for name in ("reference", None):
+        with kernels.using(name):
+            results[name] = (winograd.input_transform(x, top, left, th, tw),
+                             winograd.input_transform_backward(dv, x.shape, top, left, th, tw),
+                             winograd.output_transform(m, n, out_h, out_w),
+                             winograd.output_transform_backward(dy))
+    for fast, reference in zip(results[None], results["reference"]):
+        np.testing.assert_allclose(fast, reference, rtol=1e-12, atol=1e-12)
+    v, dx, y, dm = results["reference"]
+    assert np.vdot(v, dv) == pytest.approx(np.vdot(x, dx), rel=1e-10, abs=1e-10)
+    assert np.vdot(y, dy) == pytest.approx(np.vdot(m, dm), rel=1e-10, abs=1e-10)
+    u, dg = winograd.weight_transform(weight), winograd.weight_transform_backward(du)
+    assert np.vdot(u, du) == pytest.approx(np.vdot(weight, dg), rel=1e-10)
+
+
+@pytest.mark.parametrize("workspace", [10 ** 12, 1])
+@settings(max_examples=15, deadline=None)
+@given(g=cases())
+def test_the_winograd_method_gives_the_im2col_conv_and_gradients(workspace, g):
+    """The layer with method 'winograd', whole or in one-band pieces, against plain im2col."""
+    rng = np.random.default_rng(g["seed"])
+    layer = Conv2d(g["c"], g["f"], 3, padding=g["padding"], seed=g["seed"] % 100, dtype=np.float64)
+    layer.params["bias"] = rng.standard_normal(g["f"])
+    x = rng.standard_normal((g["n"], g["c"], g["h"], g["w"]))
+    results = []
+    for method in ("im2col", "winograd"):
+        saved, conv.WORKSPACE_BYTES = conv.WORKSPACE_BYTES, workspace if method == "winograd" else 10 ** 12
+        try:
+            with conv.using_method(method):
+                y = layer.forward(x)
+                dy = np.random.default_rng(3).standard_normal(y.shape)
+                results.append((y, layer.backward(dy), layer.grads["weight"].copy(), layer.grads["bias"].copy()))
+        finally:
+            conv.WORKSPACE_BYTES = saved
+    for winograd_result, im2col_result in zip(results[1], results[0]):
+        np.testing.assert_allclose(winograd_result, im2col_result, rtol=1e-10, atol=1e-10)
+
+
+def test_winograd_float32_is_within_rounding_of_float64():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 32, 20, 20))
+    layer = Conv2d(32, 24, 3, seed=1, dtype=np.float64)
+    exact = layer.forward(x)
+    with conv.using_method("winograd"):
+        single = layer.astype(np.float32).forward(x.astype(np.float32))
+    assert single.dtype == np.float32
+    np.testing.assert_allclose(single, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+
+
+def test_auto_chooses_winograd_for_wide_3x3_on_large_images_and_not_elsewhere():
+    same = ((1, 1), (1, 1))
+    assert conv.choose_method(64, 64, (3, 3), same, (1, 1), 256 * 256) == "winograd"
+    assert conv.choose_method(1024, 512, (3, 3), same, (1, 1), 32 * 32) == "winograd"
+    assert conv.choose_method(1024, 1024, (3, 3), same, (1, 1), 16 * 16) == "im2col"   # the bottom
+    assert conv.choose_method(1024, 512, (3, 3), same, (1, 1), 16 * 16) == "flip"
+    assert conv.choose_method(1, 64, (3, 3), same, (1, 1)) == "im2col"          # the first conv
+    assert conv.choose_method(64, 2, (3, 3), same, (1, 1)) == "shifted"         # the head
+    assert conv.choose_method(128, 64, (2, 2), ((0, 1), (0, 1)), (1, 1)) == "flip"   # an up-conv
+    assert conv.choose_method(64, 64, (3, 3), same, (2, 2)) == "im2col"         # stride 2
