@@ -202,27 +202,34 @@ if njit is not None:
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _output_kernel(m, y, bias, has_bias):
+        """One tile row at a time: M A along each row of the 4x4 tiles (two outputs per tile,
+        written side by side into a row buffer), then A^T down the columns for the whole row."""
         n, f, out_h, out_w = y.shape
         tiles_h, tiles_w = (out_h + 1) // 2, (out_w + 1) // 2
         for task in prange(n * f):
             b = task // f
             ch = task - b * f
             add = bias[ch] if has_bias else 0
-            s = np.empty((2, 4), dtype=m.dtype)
+            across = np.empty((4, 2 * tiles_w), dtype=m.dtype)
             t0 = b * tiles_h * tiles_w
             for i in range(tiles_h):
-                for j in range(tiles_w):
-                    t = t0 + i * tiles_w + j
-                    for e in range(4):              # A^T M: two rows of four
-                        m0, m1, m2, m3 = m[e, ch, t], m[4 + e, ch, t], m[8 + e, ch, t], m[12 + e, ch, t]
-                        s[0, e] = m0 + m1 + m2
-                        s[1, e] = m1 - m2 - m3
-                    for a in range(2):              # (A^T M) A: two columns
-                        row = 2 * i + a
-                        if row < out_h:
-                            y[b, ch, row, 2 * j] = s[a, 0] + s[a, 1] + s[a, 2] + add
-                            if 2 * j + 1 < out_w:
-                                y[b, ch, row, 2 * j + 1] = s[a, 1] - s[a, 2] - s[a, 3] + add
+                base = t0 + i * tiles_w
+                for a in range(4):                           # M A, tile by tile
+                    m0 = m[4 * a, ch, base:base + tiles_w]
+                    m1 = m[4 * a + 1, ch, base:base + tiles_w]
+                    m2 = m[4 * a + 2, ch, base:base + tiles_w]
+                    m3 = m[4 * a + 3, ch, base:base + tiles_w]
+                    dst = across[a]
+                    for j in range(tiles_w):
+                        dst[2 * j] = m0[j] + m1[j] + m2[j]
+                        dst[2 * j + 1] = m1[j] - m2[j] - m3[j]
+                top_row = y[b, ch, 2 * i]                    # A^T (M A), the whole row at once
+                for e in range(out_w):
+                    top_row[e] = across[0, e] + across[1, e] + across[2, e] + add
+                if 2 * i + 1 < out_h:
+                    bottom_row = y[b, ch, 2 * i + 1]
+                    for e in range(out_w):
+                        bottom_row[e] = across[1, e] - across[2, e] - across[3, e] + add
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _output_backward_kernel(dy, dm):
@@ -267,14 +274,14 @@ if njit is not None:
                         m2[j] = r0 - r1
                         m3[j] = -r1
 
-    @njit(cache=True, inline="always")
-    def _b_rows(v0, v1, v2, v3):
-        """B applied to one column of four values (the transpose of _bt_rows)."""
-        return v0, v1 - v2 + v3, v1 + v2 - v0, -v3
-
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _input_backward_kernel(dv, dx, top, left, tiles_h, tiles_w):
+        """One tile row at a time: dV B^T along each tile's row (neighbouring tiles overlap by
+        two columns: tile j's last two outputs add to tile j+1's first two), then B down the
+        columns for the whole row, added into the plane (tile rows overlap by two rows)."""
         n, c, h, w = dx.shape
+        width = 2 * tiles_w + 2
+        copied = min(w, width - left)                # image columns the buffer covers
         for task in prange(n * c):
             b = task // c
             ch = task - b * c
@@ -282,25 +289,42 @@ if njit is not None:
             for yy in range(h):
                 for xx in range(w):
                     plane[yy, xx] = 0
-            d = np.empty((4, 4), dtype=dv.dtype)
+            across = np.empty((4, width), dtype=dv.dtype)
             t0 = b * tiles_h * tiles_w
             for i in range(tiles_h):
-                for j in range(tiles_w):
-                    t = t0 + i * tiles_w + j
-                    for a in range(4):
-                        for e in range(4):
-                            d[a, e] = dv[4 * a + e, ch, t]
-                    for e in range(4):              # B dV: down each column
-                        d[0, e], d[1, e], d[2, e], d[3, e] = _b_rows(d[0, e], d[1, e], d[2, e], d[3, e])
-                    for a in range(4):              # (B dV) B^T: along each row, added where read
-                        row = 2 * i + a - top
-                        if row < 0 or row >= h:
-                            continue
-                        r = _b_rows(d[a, 0], d[a, 1], d[a, 2], d[a, 3])
-                        for e in range(4):
-                            col = 2 * j + e - left
-                            if 0 <= col < w:
-                                plane[row, col] += r[e]
+                base = t0 + i * tiles_w
+                for a in range(4):                           # dV B^T, overlapping tiles added
+                    v0 = dv[4 * a, ch, base:base + tiles_w]
+                    v1 = dv[4 * a + 1, ch, base:base + tiles_w]
+                    v2 = dv[4 * a + 2, ch, base:base + tiles_w]
+                    v3 = dv[4 * a + 3, ch, base:base + tiles_w]
+                    dst = across[a]
+                    dst[0] = v0[0]
+                    dst[1] = v1[0] - v2[0] + v3[0]
+                    for j in range(1, tiles_w):
+                        dst[2 * j] = v0[j] + v1[j - 1] + v2[j - 1] - v0[j - 1]
+                        dst[2 * j + 1] = v1[j] - v2[j] + v3[j] - v3[j - 1]
+                    last = tiles_w - 1
+                    dst[2 * tiles_w] = v1[last] + v2[last] - v0[last]
+                    dst[2 * tiles_w + 1] = -v3[last]
+                for a in range(4):                           # B (dV B^T), added row by row
+                    row = 2 * i + a - top
+                    if row < 0 or row >= h:
+                        continue
+                    target = plane[row]
+                    x0, x1, x2, x3 = across[0], across[1], across[2], across[3]
+                    if a == 0:
+                        for e in range(copied):
+                            target[e] += x0[left + e]
+                    elif a == 1:
+                        for e in range(copied):
+                            target[e] += x1[left + e] - x2[left + e] + x3[left + e]
+                    elif a == 2:
+                        for e in range(copied):
+                            target[e] += x1[left + e] + x2[left + e] - x0[left + e]
+                    else:
+                        for e in range(copied):
+                            target[e] -= x3[left + e]
 
 
 def _fast(*arrays) -> bool:
