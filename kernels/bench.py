@@ -300,7 +300,7 @@ def run(args) -> dict:
             medians = time_side_by_side(fns, args.repeats, sync, args.settle)
             _, _, _, (oh, ow) = normalize(shape.x_shape, shape.kernel, shape.padding, shape.stride)
             chosen = conv_module.choose_method(shape.in_channels, shape.out_channels, shape.kernel,
-                                               shape.padding, shape.stride, oh * ow)
+                                               shape.padding, shape.stride, oh * ow, gpu=device == "gpu")
             method_rows.append(dict(shape=shape.label, count=shape.count, chosen=chosen,
                                     ms={m: 1e3 * t for m, t in medians.items()}))
             progress.update()

@@ -115,6 +115,7 @@ def test_auto_chooses_winograd_for_wide_3x3_on_large_images_and_not_elsewhere():
     assert conv.choose_method(1024, 512, (3, 3), same, (1, 1), 32 * 32) == "winograd"
     assert conv.choose_method(1024, 1024, (3, 3), same, (1, 1), 16 * 16) == "im2col"   # the bottom
     assert conv.choose_method(1024, 512, (3, 3), same, (1, 1), 16 * 16) == "flip"
+    assert conv.choose_method(64, 64, (3, 3), same, (1, 1), 256 * 256, gpu=True) == "im2col"   # CPU-measured
     assert conv.choose_method(1, 64, (3, 3), same, (1, 1)) == "im2col"          # the first conv
     assert conv.choose_method(64, 2, (3, 3), same, (1, 1)) == "shifted"         # the head
     assert conv.choose_method(128, 64, (2, 2), ((0, 1), (0, 1)), (1, 1)) == "flip"   # an up-conv

@@ -41,7 +41,7 @@ import numpy as np
 
 from tinyunet import kernels
 from tinyunet.kernels import winograd
-from tinyunet.backend import get_array_module
+from tinyunet.backend import get_array_module, is_gpu_array
 from tinyunet.init import initialize
 from tinyunet.kernels.geometry import as_padding, as_pair
 
@@ -213,17 +213,19 @@ def method_applies(method: str, kernel, padding, stride) -> bool:
     return tuple(stride) == (1, 1) and max(pt, pb) <= kh - 1 and max(pl, pr) <= kw - 1
 
 
-def choose_method(in_channels: int, out_channels: int, kernel, padding, stride, pixels: int | None = None) -> str:
+def choose_method(in_channels: int, out_channels: int, kernel, padding, stride, pixels: int | None = None,
+                  gpu: bool = False) -> str:
     """The method the benchmark found fastest (kernels/RESULTS.md, "conv methods"): 'shifted'
     for a handful of output channels; 'winograd' for 3x3 stride-1 convs of at least
     WINOGRAD_MIN_CHANNELS channels on images of at least WINOGRAD_MIN_PIXELS output pixels
-    (``pixels`` = OH*OW; None: large enough); 'flip' when F < C (its dy copy is then the
+    (``pixels`` = OH*OW; None: large enough), on the CPU only (``gpu``: it was measured on the
+    CPU; on a GPU the CUDA im2col kernels serve); 'flip' when F < C (its dy copy is then the
     smaller one; at F = C col2im's path measured as fast or faster); else 'im2col'."""
     if method_applies("shifted", kernel, padding, stride) and out_channels <= SHIFTED_MAX_OUT_CHANNELS \
             and tuple(kernel) != (1, 1):
         return "shifted"
     if method_applies("winograd", kernel, padding, stride) and min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS \
-            and (pixels is None or pixels >= WINOGRAD_MIN_PIXELS):
+            and (pixels is None or pixels >= WINOGRAD_MIN_PIXELS) and not gpu:
         return "winograd"
     if method_applies("flip", kernel, padding, stride) and out_channels < in_channels:
         return "flip"
@@ -254,7 +256,7 @@ def _resolve_method(weight, padding, stride, x_shape) -> str:
     f, c, kh, kw = weight.shape
     if _method == "auto":
         _, _, _, (oh, ow) = kernels.normalize(x_shape, (kh, kw), padding, stride)
-        return choose_method(c, f, (kh, kw), padding, stride, oh * ow)
+        return choose_method(c, f, (kh, kw), padding, stride, oh * ow, gpu=is_gpu_array(weight))
     if not method_applies(_method, (kh, kw), padding, stride):
         return "im2col"        # a forced method that cannot do this geometry: the general one
     return _method
