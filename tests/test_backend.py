@@ -56,3 +56,25 @@ def test_layer_moves_to_the_gpu_and_back():
     with pytest.raises(DeviceError, match="input is on the CPU but the parameters are on the GPU"):
         layer.forward(cupy.asnumpy(x))
     assert layer.to("cpu").device == "cpu"
+
+
+def test_import_sets_the_malloc_threshold_unless_told_not_to():
+    """tinyunet keeps large freed blocks in glibc's heap (tinyunet/__init__.py); the user's own
+    malloc settings or TINYUNET_NO_MALLOPT=1 turn that off."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    code = "import tinyunet; print(tinyunet.MALLOPT_APPLIED)"
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("TINYUNET_NO_MALLOPT", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+
+    def applied(**extra):
+        done = subprocess.run([sys.executable, "-c", code], env={**clean, **extra}, capture_output=True,
+                              text=True, check=True)
+        return done.stdout.strip()
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert applied() == str(glibc)
+    assert applied(TINYUNET_NO_MALLOPT="1") == "False"
+    assert applied(MALLOC_MMAP_THRESHOLD_="65536") == "False"
