@@ -475,6 +475,13 @@ def _winograd_geometry(band_shape, piece):
     return (top, left, rows, ow) + winograd.tiles(rows, ow)
 
 
+def _winograd_buffers(xp, c, f, tiles, dtype):
+    """V: (16, C, T) and M: (16, F, T), side by side in the one workspace block that the column
+    matrices use (a conv uses one or the other), so that pieces() bounds them together."""
+    block = _scratch(xp, (16 * (c + f) * tiles,), dtype)
+    return block[:16 * c * tiles].reshape(16, c, tiles), block[16 * c * tiles:].reshape(16, f, tiles)
+
+
 def _forward_winograd(x, weight, bias, padding):
     """y by F(2x2, 3x3), piece by piece: V = input transform, M[k] = U[k] @ V[k], y = A^T M A."""
     xp = get_array_module(x)
@@ -488,9 +495,9 @@ def _forward_winograd(x, weight, bias, padding):
         band = _band(x, piece)
         top, left, rows, _, th, tw = _winograd_geometry(band.shape, piece)
         m_images = band.shape[0]
-        v = winograd.input_transform(band, top, left, th, tw,
-                                     out=_scratch(xp, (16, c, m_images * th * tw), x.dtype, slot="winograd_v"))
-        m = xp.matmul(u, v, out=_scratch(xp, (16, f, m_images * th * tw), x.dtype, slot="winograd_m"))
+        v, m = _winograd_buffers(xp, c, f, m_images * th * tw, x.dtype)
+        v = winograd.input_transform(band, top, left, th, tw, out=v)
+        m = xp.matmul(u, v, out=m)
         if y is None:
             return winograd.output_transform(m, n, oh, ow, bias)
         r0, r1 = piece.out_rows
@@ -504,7 +511,7 @@ def _backward_winograd(x, weight, dy, padding):
     n, c, h, w = x.shape
     f = weight.shape[0]
     u = winograd.weight_transform(weight)                               # (16, F, C)
-    ut = xp.ascontiguousarray(u.transpose(0, 2, 1))                     # (16, C, F)
+    ut = u.transpose(0, 2, 1)                                           # (16, C, F), a view
     parts = _winograd_pieces(x.shape, f, padding, x.itemsize)
     du_t = None                                                         # dU^T: (16, C, F)
     dx = None if len(parts) == 1 else xp.zeros(x.shape, dtype=x.dtype)
@@ -513,13 +520,14 @@ def _backward_winograd(x, weight, dy, padding):
         top, left, rows, ow, th, tw = _winograd_geometry(band.shape, piece)
         m_images, tile_count = band.shape[0], band.shape[0] * th * tw
         r0, r1 = piece.out_rows
-        v = winograd.input_transform(band, top, left, th, tw,
-                                     out=_scratch(xp, (16, c, tile_count), x.dtype, slot="winograd_v"))
-        dm = winograd.output_transform_backward(dy[piece.image, :, r0:r1],
-                                                out=_scratch(xp, (16, f, tile_count), x.dtype, slot="winograd_m"))
+        v, dm = _winograd_buffers(xp, c, f, tile_count, x.dtype)
+        v = winograd.input_transform(band, top, left, th, tw, out=v)
+        dm = winograd.output_transform_backward(dy[piece.image, :, r0:r1], out=dm)
         # dU^T[k] = V[k] @ dM[k]^T: the long dimension (tiles) inside, as conv2d_backward's dW
-        part = xp.matmul(v, dm.transpose(0, 2, 1))
-        du_t = part if du_t is None else du_t + part
+        if du_t is None:
+            du_t = xp.matmul(v, dm.transpose(0, 2, 1))
+        else:
+            du_t += xp.matmul(v, dm.transpose(0, 2, 1))
         dv = xp.matmul(ut, dm, out=v)                                   # V has served: reuse it
         band_dx = winograd.input_transform_backward(dv, band.shape, top, left, th, tw)
         if dx is None:
