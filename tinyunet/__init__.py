@@ -21,7 +21,7 @@ def _keep_large_blocks_in_the_heap() -> bool:
     free, so every step faults all those pages in again; with transparent huge pages on
     'madvise' (NumPy asks for them) the kernel may also compact memory to find them. With the
     threshold at 1 GiB freed blocks stay in the process for the next step: one 256x256 training
-    step measured 3.45 s before, 2.84 s after, peak RSS 1.49 -> 1.53 GB (examples/RESULTS.md).
+    step measured 3.42-3.52 s before, 2.77-2.88 s after (examples/RESULTS.md).
     Process-wide, like the OpenMP policy above, so it is skipped when the user tuned malloc
     (MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES set) or set TINYUNET_NO_MALLOPT=1, and wherever
     the C library is not glibc. Returns whether the setting was made.
