@@ -26,11 +26,11 @@ Backward. Every step above is linear, so its gradient is its transpose, in rever
     dd = B dV B^T, added into dx     (patches overlap by 2 rows and columns: a pixel gets the
                                       sum of every patch that read it, as col2im)
 
-This module holds the matrices, the weight transforms, and the four data transforms twice:
-``*_reference`` written with array slicing and einsum (NumPy and CuPy: the oracle), and Numba
-kernels for NumPy arrays that do each in one pass over memory. ``input_transform`` and the
-three others pick the kernel for NumPy arrays and the reference otherwise, as tinyunet.kernels
-does for im2col (TINYUNET_KERNELS=reference forces the reference).
+This module holds the matrices and the six transforms (weights, input, output, and the
+backward of each), every one twice: ``*_reference`` written with array slicing, einsum and
+tensordot (NumPy and CuPy: the oracle), and a Numba kernel for NumPy arrays that does it in
+one pass over memory. ``weight_transform``, ``input_transform`` and the others pick the kernel
+for NumPy arrays and the reference otherwise, as tinyunet.kernels does for im2col (TINYUNET_KERNELS=reference forces the reference).
 Tests: tests/test_winograd.py (each kernel against its reference, the transforms against the
 direct convolution, and the adjoint identities).
 """
@@ -59,24 +59,25 @@ def tiles(out_h: int, out_w: int) -> tuple[int, int]:
     return (out_h + 1) // 2, (out_w + 1) // 2
 
 
-# -- the filters: small, so plain einsum -------------------------------------------------------
+# -- the filters ---------------------------------------------------------------------------------
 
-def weight_transform(weight):
+def weight_transform_reference(weight):
     """weight g: (F, C, 3, 3) -> U: (16, F, C), U[a*4 + b] = (G g G^T)[a, b]."""
     xp = get_array_module(weight)
     g = xp.asarray(G, dtype=weight.dtype)
-    # two tensordots (each one matrix product) instead of one einsum, which ran 30 ms at 512x512
     right = xp.tensordot(weight, g, axes=([3], [1]))                  # g G^T: (F, C, 3, 4)
     u = xp.tensordot(g, right, axes=([1], [2]))                       # G g G^T: (4a, F, C, 4b)
     return xp.ascontiguousarray(u.transpose(0, 3, 1, 2)).reshape(16, *weight.shape[:2])
 
 
-def weight_transform_backward(du):
-    """dU: (16, F, C) -> dg: (F, C, 3, 3) = G^T dU G, the transpose of weight_transform."""
-    xp = get_array_module(du)
-    g = xp.asarray(G, dtype=du.dtype)
-    left = xp.tensordot(g, du.reshape(4, 4, *du.shape[1:]), axes=([0], [0]))   # G^T dU: (3i, 4b, F, C)
-    dg = xp.tensordot(left, g, axes=([1], [0]))                                # G^T dU G: (3i, F, C, 3j)
+def weight_transform_backward_reference(du_t):
+    """dU^T: (16, C, F) (the layout the conv's backward computes) -> dg: (F, C, 3, 3) =
+    G^T dU G, the transpose of weight_transform."""
+    xp = get_array_module(du_t)
+    g = xp.asarray(G, dtype=du_t.dtype)
+    du = du_t.transpose(0, 2, 1).reshape(4, 4, du_t.shape[2], du_t.shape[1])     # (4a, 4b, F, C)
+    left = xp.tensordot(g, du, axes=([0], [0]))                       # G^T dU: (3i, 4b, F, C)
+    dg = xp.tensordot(left, g, axes=([1], [0]))                       # G^T dU G: (3i, F, C, 3j)
     return xp.ascontiguousarray(dg.transpose(1, 2, 0, 3))
 
 
@@ -325,6 +326,72 @@ if njit is not None:
                     else:
                         for e in range(copied):
                             target[e] -= x3[left + e]
+
+
+if njit is not None:
+    @njit(cache=True, inline="always")
+    def _g_rows(a, b, c):
+        """G applied to one column of three values: four."""
+        return a, 0.5 * (a + b + c), 0.5 * (a - b + c), c
+
+    @njit(cache=True, inline="always")
+    def _gt_rows(d0, d1, d2, d3):
+        """G^T applied to one column of four values: three (the transpose of _g_rows)."""
+        return d0 + 0.5 * (d1 + d2), 0.5 * (d1 - d2), 0.5 * (d1 + d2) + d3
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def _weight_kernel(weight, u):
+        """g: (F, C, 3, 3) -> U: (16, F, C), one filter pair (f, c) at a time: 9 numbers read,
+        16 written, where the two tensordots with their copies made several passes."""
+        f_count, c_count = weight.shape[:2]
+        for f in prange(f_count):
+            t = np.empty((4, 3), dtype=weight.dtype)
+            for c in range(c_count):
+                g = weight[f, c]
+                for j in range(3):                   # G g: down each column
+                    t[0, j], t[1, j], t[2, j], t[3, j] = _g_rows(g[0, j], g[1, j], g[2, j])
+                for a in range(4):                   # (G g) G^T: along each row
+                    r0, r1, r2, r3 = _g_rows(t[a, 0], t[a, 1], t[a, 2])
+                    u[4 * a, f, c] = r0
+                    u[4 * a + 1, f, c] = r1
+                    u[4 * a + 2, f, c] = r2
+                    u[4 * a + 3, f, c] = r3
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def _weight_backward_kernel(du_t, dg):
+        """dU^T: (16, C, F) -> dg: (F, C, 3, 3), by input channel c, reading along f."""
+        c_count, f_count = du_t.shape[1:]
+        for c in prange(c_count):
+            d = np.empty((4, 4), dtype=du_t.dtype)
+            s = np.empty((3, 4), dtype=du_t.dtype)
+            for f in range(f_count):
+                for k in range(16):
+                    d[k // 4, k % 4] = du_t[k, c, f]
+                for b in range(4):                   # G^T dU: down each column
+                    s[0, b], s[1, b], s[2, b] = _gt_rows(d[0, b], d[1, b], d[2, b], d[3, b])
+                out = dg[f, c]
+                for i in range(3):                   # (G^T dU) G: along each row
+                    out[i, 0], out[i, 1], out[i, 2] = _gt_rows(s[i, 0], s[i, 1], s[i, 2], s[i, 3])
+
+
+def weight_transform(weight):
+    """weight g: (F, C, 3, 3) -> U: (16, F, C), U[a*4 + b] = (G g G^T)[a, b]."""
+    if not _fast(weight):
+        return weight_transform_reference(weight)
+    weight = np.ascontiguousarray(weight)
+    u = np.empty((16,) + weight.shape[:2], dtype=weight.dtype)
+    _weight_kernel(weight, u)
+    return u
+
+
+def weight_transform_backward(du_t):
+    """dU^T: (16, C, F) -> dg: (F, C, 3, 3) = G^T dU G, a fresh array."""
+    if not _fast(du_t):
+        return weight_transform_backward_reference(du_t)
+    du_t = np.ascontiguousarray(du_t)
+    dg = np.empty((du_t.shape[2], du_t.shape[1], 3, 3), dtype=du_t.dtype)
+    _weight_backward_kernel(du_t, dg)
+    return dg
 
 
 def _fast(*arrays) -> bool:

@@ -71,7 +71,13 @@ def test_each_kernel_equals_its_reference_and_each_backward_is_the_transpose(g):
     v, dx, y, dm = results["reference"]
     assert np.vdot(v, dv) == pytest.approx(np.vdot(x, dx), rel=1e-10, abs=1e-10)
     assert np.vdot(y, dy) == pytest.approx(np.vdot(m, dm), rel=1e-10, abs=1e-10)
-    u, dg = winograd.weight_transform(weight), winograd.weight_transform_backward(du)
+    du_t = du.transpose(0, 2, 1)
+    for name in ("reference", None):
+        with kernels.using(name):
+            results[name] = (winograd.weight_transform(weight), winograd.weight_transform_backward(du_t))
+    for fast, reference in zip(results[None], results["reference"]):
+        np.testing.assert_allclose(fast, reference, rtol=1e-12, atol=1e-12)
+    u, dg = results["reference"]
     assert np.vdot(u, du) == pytest.approx(np.vdot(weight, dg), rel=1e-10)
 
 

@@ -535,7 +535,7 @@ def _backward_winograd(x, weight, dy, padding):
         else:
             lo, hi = piece.in_rows
             dx[piece.image, :, lo:hi] += band_dx
-    dw = winograd.weight_transform_backward(xp.ascontiguousarray(du_t.transpose(0, 2, 1)))
+    dw = winograd.weight_transform_backward(du_t)
     return dx, dw
 
 
