@@ -126,3 +126,24 @@ def test_auto_chooses_winograd_for_wide_3x3_on_large_images_and_not_elsewhere():
     assert conv.choose_method(64, 2, (3, 3), same, (1, 1)) == "shifted"         # the head
     assert conv.choose_method(128, 64, (2, 2), ((0, 1), (0, 1)), (1, 1)) == "flip"   # an up-conv
     assert conv.choose_method(64, 64, (3, 3), same, (2, 2)) == "im2col"         # stride 2
+
+
+@pytest.mark.parametrize("workspace", [10 ** 12, 1])
+def test_the_winograd_method_on_the_reference_transforms(workspace):
+    """The path CuPy arrays take (TINYUNET_KERNELS=reference here): the transforms return fresh
+    arrays instead of filling the workspace, and the layer must give the same results."""
+    rng = np.random.default_rng(4)
+    layer = Conv2d(3, 5, 3, padding=((1, 2), (0, 1)), seed=2, dtype=np.float64)
+    x = rng.standard_normal((2, 3, 7, 6))
+    with conv.using_method("im2col"):
+        y = layer.forward(x)
+        dy = rng.standard_normal(y.shape)
+        expected = (y, layer.backward(dy), layer.grads["weight"].copy())
+    saved, conv.WORKSPACE_BYTES = conv.WORKSPACE_BYTES, workspace
+    try:
+        with conv.using_method("winograd"), kernels.using("reference"):
+            got = (layer.forward(x), layer.backward(dy), layer.grads["weight"].copy())
+    finally:
+        conv.WORKSPACE_BYTES = saved
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
