@@ -29,10 +29,12 @@ def _keep_large_blocks_in_the_heap() -> bool:
     if (os.environ.get("TINYUNET_NO_MALLOPT") == "1" or "MALLOC_MMAP_THRESHOLD_" in os.environ
             or "GLIBC_TUNABLES" in os.environ):
         return False
-    import ctypes
-    import platform
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    try:
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):   # glibc answers this
+            return False
+    except (ValueError, OSError, AttributeError):                         # other C libraries do not
         return False
+    import ctypes
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
