@@ -201,8 +201,9 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=1, help="alternate the frameworks' processes this many times")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
-    parser.add_argument("--conv-method", default="auto", help="force one tinyunet conv method for every "
-                        "layer (im2col, flip, shifted, winograd); auto: tinyunet's choice")
+    from tinyunet.layers.conv import METHODS
+    parser.add_argument("--conv-method", default="auto", choices=("auto", *METHODS),
+                        help="force one tinyunet conv method for every layer; auto: tinyunet's choice")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

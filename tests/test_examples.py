@@ -64,3 +64,12 @@ def test_predict_membranes_errors(tmp_path, tiny_checkpoint, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert predict.main([str(tiny_checkpoint), str(tmp_path / "nothing.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_unet_refuses_an_unknown_conv_method(capsys):
+    bench = load_example("bench_unet")
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--conv-method", "fft"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'fft'" in err and "winograd" in err
