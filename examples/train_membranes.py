@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     args = build_parser(TrainOptions()).parse_args(argv)
     options = TrainOptions(
         data=args.data, val=args.val, out=args.out, steps=args.steps, minutes=args.minutes, crop=args.crop,
-        batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule, augment=args.augment, border_weights=args.border_weights,
+        batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule, augment=args.augment,
+        border_weights=args.border_weights,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, threshold=args.threshold,
         tta=args.tta, seed=args.seed, device=args.device, base_width=args.base_width, depth=args.depth,
         head_relu=not args.no_head_relu, synthetic_count=args.synthetic_count, resume=args.resume,

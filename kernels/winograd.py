@@ -30,7 +30,8 @@ This module holds the matrices and the six transforms (weights, input, output, a
 backward of each), every one twice: ``*_reference`` written with array slicing, einsum and
 tensordot (NumPy and CuPy: the oracle), and a Numba kernel for NumPy arrays that does it in
 one pass over memory. ``weight_transform``, ``input_transform`` and the others pick the kernel
-for NumPy arrays and the reference otherwise, as tinyunet.kernels does for im2col (TINYUNET_KERNELS=reference forces the reference).
+for NumPy arrays and the reference otherwise, as tinyunet.kernels does for im2col
+(TINYUNET_KERNELS=reference forces the reference).
 Tests: tests/test_winograd.py (each kernel against its reference, the transforms against the
 direct convolution, and the adjoint identities).
 """
@@ -146,16 +147,11 @@ def input_transform_backward_reference(dv, x_shape, top, left, tiles_h, tiles_w)
     return dx
 
 
-# -- the same four, as Numba kernels: one pass, every core ----------------------------------------
+# -- the four data transforms as Numba kernels: one pass, every core ------------------------------
 # Work is split so that no two threads write the same element: by (image, channel) plane for
 # the transforms that read or write planes, and V / M are written at [k, channel, tile].
 
 if njit is not None:
-    @njit(cache=True, inline="always")
-    def _bt_rows(d0, d1, d2, d3):
-        """B^T applied to one column of four values."""
-        return d0 - d2, d1 + d2, d2 - d1, d1 - d3
-
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _input_kernel(x, v, top, left, tiles_h, tiles_w):
         """One tile row at a time: its 4 input rows copied into a zero-padded buffer, B^T down

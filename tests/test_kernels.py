@@ -332,6 +332,20 @@ def test_pieces_cover_every_output_row_once_and_read_the_right_rows():
     assert [p.out_rows for p in wide] == [(0, 15), (0, 15)]
 
 
+def test_workspace_bytes():
+    """The buffer a conv needs: its whole column matrix when that fits WORKSPACE_BYTES, one
+    band when not, Winograd's V and M side by side."""
+    from tinyunet.layers import Conv2d
+    from tinyunet.layers import conv
+    assert Conv2d(1, 64, 3).workspace_bytes((2, 1, 16, 16)) == 2 * 9 * 16 * 16 * 4          # im2col
+    # Winograd, 64 -> 64 at 64x64, batch 2: 2 * 32 * 32 tiles, 16 numbers per tile and channel
+    assert Conv2d(64, 64, 3).workspace_bytes((2, 64, 64, 64)) == 2 * 32 * 32 * 16 * 128 * 4
+    with conv.using_method("im2col"):                                                     # too big: bands
+        banded = Conv2d(128, 64, 3).workspace_bytes((2, 128, 256, 256))
+    row = 128 * 9 * 256 * 4
+    assert banded == conv.WORKSPACE_BYTES // row * row
+
+
 @pytest.mark.parametrize("small_image_pixels", [0, 10**9])
 def test_both_weight_gradient_layouts_pass_a_gradient_check(small_image_pixels, monkeypatch):
     """dW is summed image by image for large images and taken from the batch laid side by

@@ -121,6 +121,7 @@ def learning_rate(options: TrainOptions, progress: float) -> float:
     cosine     lr * (f + (1 - f) * (1 + cos(pi * progress)) / 2), f = COSINE_FLOOR: large steps
                early, small ones at the end, so the model a short run ends with is not the
                accident of its last few noisy batches.
+    Tests: tests/test_train.py::test_cosine_schedule_runs_from_lr_down_to_its_floor.
     """
     if options.lr_schedule == "constant":
         return options.lr

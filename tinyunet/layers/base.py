@@ -85,7 +85,8 @@ class Layer:
         """Drop what forward kept for backward. A network calls this right after the layer's
         backward, so each activation is freed as soon as the backward pass is past it (as
         PyTorch's autograd frees its saved tensors) instead of living until the next forward.
-        A backward() after release() says that forward() must run first."""
+        A backward() after release() says that forward() must run first.
+        Test: tests/test_unet.py::test_backward_frees_what_each_layer_kept_for_it."""
         for name in self._saved:
             setattr(self, name, None)
 

@@ -114,9 +114,10 @@ class Conv2d(Layer):
         return y
 
     def workspace_bytes(self, x_shape) -> int:
-        """The reused buffer this layer's forward and backward need for an x of ``x_shape``:
-        the largest piece of a column matrix (see pieces), Winograd's V and M, or the padded
-        copy of 'shifted'."""
+        """Bytes of the reused buffer this layer's forward and backward need for an x of
+        ``x_shape`` (N, C, H, W): the largest piece of a column matrix, m * C*kh*kw * rows*OW *
+        itemsize (see pieces), Winograd's V and M, m * 16 * (C + F) * tiles * itemsize, or the
+        padded copy of 'shifted'. Test: tests/test_kernels.py::test_workspace_bytes."""
         n, c, h, w = x_shape
         f, itemsize = self.out_channels, np.dtype(self.dtype).itemsize
         pad = resolve_padding(self.padding, self.kernel_size, self.stride, (h, w))
@@ -322,7 +323,9 @@ def pieces(x_shape, kernel, padding, stride, itemsize, limit=None, row_bytes=Non
     batch when it fits, else one image at a time, in bands of output rows when one image is
     too large (bands need padding <= kernel - 1, so that every band reads the image).
     ``row_bytes``: the workspace one output row needs (default: its im2col columns);
-    ``row_multiple``: bands start at multiples of it (2 for Winograd's 2x2 tiles)."""
+    ``row_multiple``: bands start at multiples of it (2 for Winograd's 2x2 tiles).
+    Tests: tests/test_kernels.py::test_pieces_cover_every_output_row_once_and_read_the_right_rows
+    and ::test_pieces_give_the_same_conv_as_one_column_matrix."""
     limit = WORKSPACE_BYTES if limit is None else limit
     n, c, h, w = x_shape
     (kh, kw), ((pt, pb), (pl, pr)), (sh, sw), (oh, ow) = kernels.normalize(x_shape, kernel, padding, stride)
@@ -485,7 +488,7 @@ def _winograd_buffers(xp, c, f, tiles, dtype):
 def _forward_winograd(x, weight, bias, padding):
     """y by F(2x2, 3x3), piece by piece: V = input transform, M[k] = U[k] @ V[k], y = A^T M A."""
     xp = get_array_module(x)
-    n, c, h, w = x.shape
+    n, c = x.shape[:2]
     f = weight.shape[0]
     u = winograd.weight_transform(weight)                               # (16, F, C)
     _, _, _, (oh, ow) = kernels.normalize(x.shape, (3, 3), padding, (1, 1))
@@ -508,8 +511,9 @@ def _forward_winograd(x, weight, bias, padding):
 def _backward_winograd(x, weight, dy, padding):
     """(dx, dW) by the transposed steps: dM = A dY A^T, dU = dM V^T, dV = U^T dM, dx = B dV B^T."""
     xp = get_array_module(dy)
-    n, c, h, w = x.shape
-    f = weight.shape[0]
+    c, f = x.shape[1], weight.shape[0]
+    # U again, not kept from the forward: a few ms with the Numba kernel, where keeping it for
+    # every layer until its backward would hold 16/9 of the weights' bytes more
     u = winograd.weight_transform(weight)                               # (16, F, C)
     ut = u.transpose(0, 2, 1)                                           # (16, C, F), a view
     parts = _winograd_pieces(x.shape, f, padding, x.itemsize)
@@ -517,8 +521,8 @@ def _backward_winograd(x, weight, dy, padding):
     dx = None if len(parts) == 1 else xp.zeros(x.shape, dtype=x.dtype)
     for piece in parts:
         band = _band(x, piece)
-        top, left, rows, ow, th, tw = _winograd_geometry(band.shape, piece)
-        m_images, tile_count = band.shape[0], band.shape[0] * th * tw
+        top, left, _, _, th, tw = _winograd_geometry(band.shape, piece)
+        tile_count = band.shape[0] * th * tw
         r0, r1 = piece.out_rows
         v, dm = _winograd_buffers(xp, c, f, tile_count, x.dtype)
         v = winograd.input_transform(band, top, left, th, tw, out=v)
