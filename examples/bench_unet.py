@@ -30,6 +30,11 @@ import time
 
 FRAMEWORKS = ("tinyunet", "torch")
 
+# The environment this command started with, before anything imported tinyunet (whose import
+# sets OMP_WAIT_POLICY for its own process). Each worker gets this one, so that PyTorch runs
+# exactly as it would for the user, under no setting of tinyunet's.
+STARTING_ENVIRONMENT = dict(os.environ)
+
 
 def current_rss() -> int:
     """Resident set size now, in bytes (Linux /proc; 0 where unavailable)."""
@@ -159,17 +164,19 @@ def worker(framework: str, size: int, batch: int, steps: int, device: str, conv_
         step()
         times.append(time.perf_counter() - start)
     result = {"framework": framework, "size": size, "batch": batch, "device": device, "times": times,
-              "peak_rss": peak_rss(), "rss_after_imports": rss_start, "rss_after_model": rss_model}
+              "peak_rss": peak_rss(), "rss_after_imports": rss_start, "rss_after_model": rss_model,
+              "tinyunet_imported": "tinyunet" in sys.modules,
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     if gpu_peak is not None:
         result["gpu_peak"] = gpu_peak()
     return result
 
 
 def run_worker(framework, size, args) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--sizes", str(size),
+    command = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--size", str(size),
                "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device,
                "--conv-method", args.conv_method]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=STARTING_ENVIRONMENT)
     if done.returncode != 0:
         raise RuntimeError(f"the {framework} benchmark at {size}x{size} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -193,7 +200,24 @@ def available(framework: str) -> bool:
         return False
 
 
+def worker_main(argv) -> int:
+    """The hidden command line of one worker process; it imports only the framework it times."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("framework", choices=FRAMEWORKS)
+    parser.add_argument("--size", type=int, required=True)
+    parser.add_argument("--batch", type=int, required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--device", choices=("cpu", "gpu"), required=True)
+    parser.add_argument("--conv-method", default="auto")
+    args = parser.parse_args(argv)
+    print(json.dumps(worker(args.framework, args.size, args.batch, args.steps, args.device, args.conv_method)))
+    return 0
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--worker"]:
+        return worker_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 128])
     parser.add_argument("--batch", type=int, default=2)
@@ -205,21 +229,16 @@ def main(argv=None):
     parser.add_argument("--conv-method", default="auto", choices=("auto", *METHODS),
                         help="force one tinyunet conv method for every layer; auto: tinyunet's choice")
     parser.add_argument("--json", help="also write the raw results here")
-    parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rounds < 1 or args.batch < 1:
         parser.error("--steps, --rounds and --batch must be >= 1")
-
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.sizes[0], args.batch, args.steps, args.device, args.conv_method)))
-        return 0
 
     frameworks = [f for f in args.frameworks if available(f)]
     skipped = sorted(set(args.frameworks) - set(frameworks))
     print(f"# bench_unet {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  {platform.processor() or platform.machine()}"
           f"  {os.cpu_count()} CPUs  python {platform.python_version()}  device={args.device}")
     print("# " + "  ".join(f"{name} {_version(name)}" for name in ("numpy", "numba", "torch"))
-          + f"  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(tinyunet sets PASSIVE)')}")
+          + f"  OMP_WAIT_POLICY={STARTING_ENVIRONMENT.get('OMP_WAIT_POLICY', 'unset (tinyunet sets PASSIVE in its own process)')}")
     print(f"# command: python examples/bench_unet.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     if skipped:
         print(f"# skipped (not importable): {', '.join(skipped)}")

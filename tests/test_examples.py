@@ -1,5 +1,9 @@
 """The example scripts work as a person runs them: arguments in, files out, clear errors."""
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +77,27 @@ def test_bench_unet_refuses_an_unknown_conv_method(capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'fft'" in err and "winograd" in err
+
+
+def test_bench_unet_times_pytorch_without_tinyunet_in_its_process():
+    """The PyTorch worker must not import tinyunet: its import would count in PyTorch's memory
+    and its OMP_WAIT_POLICY would change how PyTorch's OpenMP threads wait."""
+    pytest.importorskip("torch")
+    bench = load_example("bench_unet")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, bench.__file__, "--worker", "torch", "--size", "16", "--batch", "1",
+                           "--steps", "1", "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["tinyunet_imported"] is False and result["omp_wait_policy"] is None
+    assert len(result["times"]) == 1 and result["peak_rss"] > 0
+
+
+def test_bench_unet_runs_both_frameworks_and_reports_the_ratio(capsys):
+    frameworks = ["tinyunet", "torch"] if importlib.util.find_spec("torch") else ["tinyunet"]
+    bench = load_example("bench_unet")
+    assert bench.main(["--sizes", "16", "--steps", "1", "--batch", "1", "--frameworks", *frameworks]) == 0
+    out = capsys.readouterr().out
+    assert "tinyunet  16x16  batch 1  median" in out
+    if len(frameworks) == 2:
+        assert "ratio  16x16  time tinyunet/torch" in out
