@@ -78,3 +78,23 @@ def test_import_sets_the_malloc_threshold_unless_told_not_to():
     assert applied() == str(glibc)
     assert applied(TINYUNET_NO_MALLOPT="1") == "False"
     assert applied(MALLOC_MMAP_THRESHOLD_="65536") == "False"
+
+
+def test_import_shortens_openblas_spin_unless_numpy_came_first_or_the_user_chose():
+    """tinyunet asks OpenBLAS's threads to stop polling soon after a product (tinyunet/__init__.py);
+    OpenBLAS reads the setting when NumPy loads it, so it is made only before NumPy's import,
+    and never over the user's own value."""
+    import os
+    import subprocess
+    import sys
+    clean = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+
+    def run(code, **extra):
+        done = subprocess.run([sys.executable, "-c", code + "; import os; print(tinyunet.OPENBLAS_SPIN_SHORTENED, "
+                               "os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"],
+                              env={**clean, **extra}, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    assert run("import tinyunet") == "True 18"
+    assert run("import tinyunet", OPENBLAS_THREAD_TIMEOUT="26") == "False 26"
+    assert run("import numpy, tinyunet") == "False None"
