@@ -195,9 +195,10 @@ METHODS = ("im2col", "flip", "shifted", "winograd")
 #          (relative 1e-6); the float64 checks hold to 1e-10.
 SHIFTED_MAX_OUT_CHANNELS = 8        # "shifted" up to this many output channels (bench: 2)
 WINOGRAD_MIN_CHANNELS = 16          # "winograd" from this many in and out channels ...
-WINOGRAD_MIN_PIXELS = 32 * 32       # ... and output pixels: below, its 16 transformed copies of
-                                    # the weights cost more than the products save (bench: 2x
-                                    # slower at 16x16 with 512-1024 channels, 0.65-0.9x at >= 32x32)
+WINOGRAD_MIN_PIXELS = 16 * 16       # ... and output pixels: below, its 16 transformed copies of
+                                    # the weights cost more than the products save (a 128x128
+                                    # step with the 8x8 layers too: 786-810 ms against 677-748 ms
+                                    # without; with the 16x16 layers: 677-748 against 738-788 ms)
 SMALL_IMAGE_PIXELS = 1024           # dW from one product over the whole batch up to 32x32
 _method = "auto"                    # set by use_method / using_method
 _workspace: dict = {}               # reused buffers, see _scratch
