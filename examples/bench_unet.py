@@ -238,7 +238,9 @@ def main(argv=None):
     print(f"# bench_unet {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  {platform.processor() or platform.machine()}"
           f"  {os.cpu_count()} CPUs  python {platform.python_version()}  device={args.device}")
     print("# " + "  ".join(f"{name} {_version(name)}" for name in ("numpy", "numba", "torch"))
-          + f"  OMP_WAIT_POLICY={STARTING_ENVIRONMENT.get('OMP_WAIT_POLICY', 'unset (tinyunet sets PASSIVE in its own process)')}")
+          + "  " + "  ".join(f"{name}={STARTING_ENVIRONMENT.get(name, 'unset')}" for name in
+                             ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_CORETYPE"))
+          + "  (where unset, tinyunet's process sets OMP_WAIT_POLICY=PASSIVE, OPENBLAS_THREAD_TIMEOUT=18)")
     print(f"# command: python examples/bench_unet.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     if skipped:
         print(f"# skipped (not importable): {', '.join(skipped)}")

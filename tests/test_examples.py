@@ -99,5 +99,6 @@ def test_bench_unet_runs_both_frameworks_and_reports_the_ratio(capsys):
     assert bench.main(["--sizes", "16", "--steps", "1", "--batch", "1", "--frameworks", *frameworks]) == 0
     out = capsys.readouterr().out
     assert "tinyunet  16x16  batch 1  median" in out
+    assert "OPENBLAS_THREAD_TIMEOUT=" in out and "OPENBLAS_CORETYPE=" in out
     if len(frameworks) == 2:
         assert "ratio  16x16  time tinyunet/torch" in out
