@@ -1,5 +1,6 @@
-"""Winograd's minimal filtering F(2x2, 3x3): a 3x3 stride-1 convolution with 2.25x fewer
-multiplications than im2col + GEMM, and its backward as the same steps run in reverse.
+"""Winograd's minimal filtering F(2x2, 3x3) and F(4x4, 3x3): a 3x3 stride-1 convolution with
+2.25x (4x) fewer multiplications than im2col + GEMM, and its backward as the same steps run
+in reverse.
 
 Lavin and Gray (2016), "Fast Algorithms for Convolutional Neural Networks". Cut the output
 into 2x2 tiles; the tile at (2i, 2j) reads the 4x4 input patch d at rows 2i..2i+3 and columns
@@ -25,6 +26,14 @@ Backward. Every step above is linear, so its gradient is its transpose, in rever
     dV[k] = U[k]^T @ dM[k]           (16 products)
     dd = B dV B^T, added into dx     (patches overlap by 2 rows and columns: a pixel gets the
                                       sum of every patch that read it, as col2im)
+
+The same holds for larger tiles. F(4x4, 3x3) cuts the output into 4x4 tiles read from 6x6
+patches (every 4 pixels, overlapping by 2): 36 products, one per position of the 6x6 grid, on
+a quarter as many tiles, so 36 F C T = 2.25 F C N OH OW multiply-adds, and V and M hold 36
+numbers per 16 pixels instead of 16 per 4. Its matrices have larger entries (2, 4, 5, 8,
+1/6, 1/24), which costs precision: float32 results are within about 1e-5 of the exact ones
+instead of 5e-7. Every function below takes ``tile`` = 2 (the default) or 4; the conv layer
+picks 4 for large images (tinyunet/layers/conv.py, ``_winograd_tile``).
 
 This module holds the matrices and the six transforms (weights, input, output, and the
 backward of each), every one twice: ``*_reference`` written with array slicing, einsum and
@@ -54,93 +63,110 @@ G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0
 BT = np.array([[1.0, 0.0, -1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, -1.0, 1.0, 0.0], [0.0, 1.0, 0.0, -1.0]])
 AT = np.array([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, -1.0, -1.0]])
 
+#: F(4x4, 3x3): 4x4 output tiles from 6x6 patches, with the points 0, 1, -1, 2, -2 (Lavin and
+#: Gray): 36 multiplications per tile instead of 144, so the 36 products below do 2.25 multiply-
+#: adds per output where F(2x2, 3x3) does 4 and im2col 9; the price is rounding: the larger
+#: coefficients lose about 3 more bits in float32 (relative error ~1e-5 instead of ~5e-7).
+G4 = np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+               [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]])
+BT4 = np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], dtype=float)
+AT4 = np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], dtype=float)
 
-def tiles(out_h: int, out_w: int) -> tuple[int, int]:
-    """Tiles per column and per row: an odd output size gets a last tile half outside."""
-    return (out_h + 1) // 2, (out_w + 1) // 2
+#: output tile size m -> (G, B^T, A^T); a tile reads an (m + 2) x (m + 2) patch
+TILINGS = {2: (G, BT, AT), 4: (G4, BT4, AT4)}
+
+
+def tiles(out_h: int, out_w: int, tile: int = 2) -> tuple[int, int]:
+    """Tiles per column and per row: a size that is not a multiple of the tile gets a last
+    tile partly outside."""
+    return -(-out_h // tile), -(-out_w // tile)
 
 
 # -- the filters ---------------------------------------------------------------------------------
 
-def weight_transform_reference(weight):
-    """weight g: (F, C, 3, 3) -> U: (16, F, C), U[a*4 + b] = (G g G^T)[a, b]."""
+def weight_transform_reference(weight, tile: int = 2):
+    """weight g: (F, C, 3, 3) -> U: (a^2, F, C), U[i*a + j] = (G g G^T)[i, j], a = tile + 2."""
     xp = get_array_module(weight)
-    g = xp.asarray(G, dtype=weight.dtype)
-    right = xp.tensordot(weight, g, axes=([3], [1]))                  # g G^T: (F, C, 3, 4)
-    u = xp.tensordot(g, right, axes=([1], [2]))                       # G g G^T: (4a, F, C, 4b)
-    return xp.ascontiguousarray(u.transpose(0, 3, 1, 2)).reshape(16, *weight.shape[:2])
+    g = xp.asarray(TILINGS[tile][0], dtype=weight.dtype)
+    right = xp.tensordot(weight, g, axes=([3], [1]))                  # g G^T: (F, C, 3, a)
+    u = xp.tensordot(g, right, axes=([1], [2]))                       # G g G^T: (a, F, C, a)
+    return xp.ascontiguousarray(u.transpose(0, 3, 1, 2)).reshape(-1, *weight.shape[:2])
 
 
-def weight_transform_backward_reference(du_t):
-    """dU^T: (16, C, F) (the layout the conv's backward computes) -> dg: (F, C, 3, 3) =
+def weight_transform_backward_reference(du_t, tile: int = 2):
+    """dU^T: (a^2, C, F) (the layout the conv's backward computes) -> dg: (F, C, 3, 3) =
     G^T dU G, the transpose of weight_transform."""
     xp = get_array_module(du_t)
-    g = xp.asarray(G, dtype=du_t.dtype)
-    du = du_t.transpose(0, 2, 1).reshape(4, 4, du_t.shape[2], du_t.shape[1])     # (4a, 4b, F, C)
-    left = xp.tensordot(g, du, axes=([0], [0]))                       # G^T dU: (3i, 4b, F, C)
+    g = xp.asarray(TILINGS[tile][0], dtype=du_t.dtype)
+    a = tile + 2
+    du = du_t.transpose(0, 2, 1).reshape(a, a, du_t.shape[2], du_t.shape[1])     # (a, a, F, C)
+    left = xp.tensordot(g, du, axes=([0], [0]))                       # G^T dU: (3i, a, F, C)
     dg = xp.tensordot(left, g, axes=([1], [0]))                       # G^T dU G: (3i, F, C, 3j)
     return xp.ascontiguousarray(dg.transpose(1, 2, 0, 3))
 
 
 # -- the data transforms, reference versions: slicing and einsum (NumPy or CuPy) -----------------
 
-def _padded_for_tiles(x, top, left, tiles_h, tiles_w):
-    """x with top/left zeros, and enough zeros below and right for every tile's 4x4 patch."""
+def _padded_for_tiles(x, top, left, tiles_h, tiles_w, tile=2):
+    """x with top/left zeros, and enough zeros below and right for every tile's patch."""
     xp = get_array_module(x)
     n, c, h, w = x.shape
-    out = xp.zeros((n, c, 2 * tiles_h + 2, 2 * tiles_w + 2), dtype=x.dtype)
+    out = xp.zeros((n, c, tile * tiles_h + 2, tile * tiles_w + 2), dtype=x.dtype)
     rows, cols = min(h, out.shape[2] - top), min(w, out.shape[3] - left)
     out[:, :, top:top + rows, left:left + cols] = x[:, :, :rows, :cols]
     return out
 
 
-def input_transform_reference(x, top, left, tiles_h, tiles_w):
-    """x: (N, C, H, W) -> V: (16, C, T), V[:, c, t] = B^T d B for the patch d of tile t."""
+def input_transform_reference(x, top, left, tiles_h, tiles_w, tile: int = 2):
+    """x: (N, C, H, W) -> V: (a^2, C, T), V[:, c, t] = B^T d B for the patch d of tile t."""
     xp = get_array_module(x)
     n, c = x.shape[:2]
-    padded = _padded_for_tiles(x, top, left, tiles_h, tiles_w)
-    patches = xp.stack([xp.stack([padded[:, :, a:a + 2 * tiles_h:2, b:b + 2 * tiles_w:2] for b in range(4)], -1)
-                        for a in range(4)], -2)                           # (N, C, th, tw, 4, 4)
-    bt = xp.asarray(BT, dtype=x.dtype)
-    v = xp.einsum("ka,nctuab,lb->klcntu", bt, patches, bt)                # (4, 4, C, N, th, tw)
-    return xp.ascontiguousarray(v.reshape(16, c, n * tiles_h * tiles_w))
+    a = tile + 2
+    padded = _padded_for_tiles(x, top, left, tiles_h, tiles_w, tile)
+    patches = xp.stack([xp.stack([padded[:, :, i:i + tile * tiles_h:tile, j:j + tile * tiles_w:tile]
+                                  for j in range(a)], -1) for i in range(a)], -2)    # (N, C, th, tw, a, a)
+    bt = xp.asarray(TILINGS[tile][1], dtype=x.dtype)
+    v = xp.einsum("ka,nctuab,lb->klcntu", bt, patches, bt)                # (a, a, C, N, th, tw)
+    return xp.ascontiguousarray(v.reshape(a * a, c, n * tiles_h * tiles_w))
 
 
-def output_transform_reference(m, n, out_h, out_w, bias=None):
-    """M: (16, F, T) -> y: (N, F, OH, OW), each 2x2 tile A^T M A, plus bias (F,) if given."""
+def output_transform_reference(m, n, out_h, out_w, bias=None, tile: int = 2):
+    """M: (a^2, F, T) -> y: (N, F, OH, OW), each tile A^T M A, plus bias (F,) if given."""
     xp = get_array_module(m)
-    f = m.shape[1]
-    th, tw = tiles(out_h, out_w)
-    at = xp.asarray(AT, dtype=m.dtype)
-    y = xp.einsum("ak,klfntu,bl->nftaub", at, m.reshape(4, 4, f, n, th, tw), at)   # (N, F, th, 2, tw, 2)
-    y = y.reshape(n, f, 2 * th, 2 * tw)[:, :, :out_h, :out_w]
+    f, a = m.shape[1], tile + 2
+    th, tw = tiles(out_h, out_w, tile)
+    at = xp.asarray(TILINGS[tile][2], dtype=m.dtype)
+    y = xp.einsum("ak,klfntu,bl->nftaub", at, m.reshape(a, a, f, n, th, tw), at)   # (N, F, th, m, tw, m)
+    y = y.reshape(n, f, tile * th, tile * tw)[:, :, :out_h, :out_w]
     if bias is not None:
         y = y + bias[:, None, None]
     return xp.ascontiguousarray(y)
 
 
-def output_transform_backward_reference(dy):
-    """dY: (N, F, OH, OW) -> dM: (16, F, T) = A dY A^T per tile (outputs past OH, OW are 0)."""
+def output_transform_backward_reference(dy, tile: int = 2):
+    """dY: (N, F, OH, OW) -> dM: (a^2, F, T) = A dY A^T per tile (outputs past OH, OW are 0)."""
     xp = get_array_module(dy)
     n, f, out_h, out_w = dy.shape
-    th, tw = tiles(out_h, out_w)
-    full = xp.zeros((n, f, 2 * th, 2 * tw), dtype=dy.dtype)
+    th, tw = tiles(out_h, out_w, tile)
+    full = xp.zeros((n, f, tile * th, tile * tw), dtype=dy.dtype)
     full[:, :, :out_h, :out_w] = dy
-    at = xp.asarray(AT, dtype=dy.dtype)
-    dm = xp.einsum("ak,nftaub,bl->klfntu", at, full.reshape(n, f, th, 2, tw, 2), at)
-    return xp.ascontiguousarray(dm.reshape(16, f, n * th * tw))
+    at = xp.asarray(TILINGS[tile][2], dtype=dy.dtype)
+    dm = xp.einsum("ak,nftaub,bl->klfntu", at, full.reshape(n, f, th, tile, tw, tile), at)
+    return xp.ascontiguousarray(dm.reshape((tile + 2) ** 2, f, n * th * tw))
 
 
-def input_transform_backward_reference(dv, x_shape, top, left, tiles_h, tiles_w):
-    """dV: (16, C, T) -> dx: (N, C, H, W), each patch's B dV B^T added where it was read."""
+def input_transform_backward_reference(dv, x_shape, top, left, tiles_h, tiles_w, tile: int = 2):
+    """dV: (a^2, C, T) -> dx: (N, C, H, W), each patch's B dV B^T added where it was read."""
     xp = get_array_module(dv)
     n, c, h, w = x_shape
-    bt = xp.asarray(BT, dtype=dv.dtype)
-    dd = xp.einsum("ka,klcntu,lb->nctuab", bt, dv.reshape(4, 4, c, n, tiles_h, tiles_w), bt)
-    padded = xp.zeros((n, c, 2 * tiles_h + 2, 2 * tiles_w + 2), dtype=dv.dtype)
-    for a in range(4):
-        for b in range(4):
-            padded[:, :, a:a + 2 * tiles_h:2, b:b + 2 * tiles_w:2] += dd[..., a, b]
+    a = tile + 2
+    bt = xp.asarray(TILINGS[tile][1], dtype=dv.dtype)
+    dd = xp.einsum("ka,klcntu,lb->nctuab", bt, dv.reshape(a, a, c, n, tiles_h, tiles_w), bt)
+    padded = xp.zeros((n, c, tile * tiles_h + 2, tile * tiles_w + 2), dtype=dv.dtype)
+    for i in range(a):
+        for j in range(a):
+            padded[:, :, i:i + tile * tiles_h:tile, j:j + tile * tiles_w:tile] += dd[..., i, j]
     dx = xp.zeros(x_shape, dtype=dv.dtype)
     rows, cols = min(h, padded.shape[2] - top), min(w, padded.shape[3] - left)
     dx[:, :, :rows, :cols] = padded[:, :, top:top + rows, left:left + cols]
@@ -383,23 +409,294 @@ if njit is not None:
                     g[k // 3, k % 3] = out[k, f]
 
 
-def weight_transform(weight):
-    """weight g: (F, C, 3, 3) -> U: (16, F, C), U[a*4 + b] = (G g G^T)[a, b]."""
+    # -- F(4x4, 3x3), written out: B^T (6x6), A^T (4x6) and their transposes, row by row -----
+
+    @njit(cache=True, inline="always")
+    def _bt4(d0, d1, d2, d3, d4, d5):
+        """B^T of F(4x4, 3x3) applied to a column of six values."""
+        return (4 * d0 - 5 * d2 + d4, d3 + d4 - 4 * (d1 + d2), 4 * (d1 - d2) - d3 + d4,
+                2 * (d3 - d1) - d2 + d4, 2 * (d1 - d3) - d2 + d4, 4 * d1 - 5 * d3 + d5)
+
+    @njit(cache=True, inline="always")
+    def _at4(m0, m1, m2, m3, m4, m5):
+        """A^T of F(4x4, 3x3) applied to a column of six values: four."""
+        return (m0 + m1 + m2 + m3 + m4, m1 - m2 + 2 * (m3 - m4), m1 + m2 + 4 * (m3 + m4),
+                m1 - m2 + 8 * (m3 - m4) + m5)
+
+    @njit(cache=True, inline="always")
+    def _a4(g0, g1, g2, g3):
+        """A (the transpose of A^T) applied to a column of four values: six."""
+        return (g0, g0 + g1 + g2 + g3, g0 - g1 + g2 - g3, g0 + 2 * g1 + 4 * g2 + 8 * g3,
+                g0 - 2 * g1 + 4 * g2 - 8 * g3, g3)
+
+    @njit(cache=True, inline="always")
+    def _b4(e0, e1, e2, e3, e4, e5):
+        """B (the transpose of B^T) applied to a column of six values."""
+        return (4 * e0, 4 * (e2 - e1 + e5) + 2 * (e4 - e3), -5 * e0 - 4 * (e1 + e2) - e3 - e4,
+                e1 - e2 + 2 * (e3 - e4) - 5 * e5, e0 + e1 + e2 + e3 + e4, e5)
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def _input_kernel4(x, v, top, left, tiles_h, tiles_w):
+        """As _input_kernel, for 6x6 patches every 4 pixels."""
+        n, c, h, w = x.shape
+        width = 4 * tiles_w + 2
+        copied = min(w, width - left)
+        for task in prange(n * c):
+            b = task // c
+            ch = task - b * c
+            rows = np.zeros((6, width), dtype=x.dtype)
+            down = np.empty((6, width), dtype=x.dtype)
+            t0 = b * tiles_h * tiles_w
+            for i in range(tiles_h):
+                for r in range(6):
+                    row = 4 * i + r - top
+                    dst = rows[r, left:left + copied]
+                    if 0 <= row < h:
+                        src = x[b, ch, row]
+                        for e in range(copied):
+                            dst[e] = src[e]
+                    else:
+                        for e in range(copied):
+                            dst[e] = 0
+                for e in range(width):                       # B^T d, every column at once
+                    (down[0, e], down[1, e], down[2, e], down[3, e], down[4, e],
+                     down[5, e]) = _bt4(rows[0, e], rows[1, e], rows[2, e], rows[3, e], rows[4, e], rows[5, e])
+                base = t0 + i * tiles_w
+                for a in range(6):                           # (B^T d) B, tile by tile
+                    src = down[a]
+                    v0, v1, v2 = v[6 * a, ch, base:base + tiles_w], v[6 * a + 1, ch, base:base + tiles_w], \
+                        v[6 * a + 2, ch, base:base + tiles_w]
+                    v3, v4, v5 = v[6 * a + 3, ch, base:base + tiles_w], v[6 * a + 4, ch, base:base + tiles_w], \
+                        v[6 * a + 5, ch, base:base + tiles_w]
+                    for j in range(tiles_w):
+                        v0[j], v1[j], v2[j], v3[j], v4[j], v5[j] = _bt4(src[4 * j], src[4 * j + 1], src[4 * j + 2],
+                                                                        src[4 * j + 3], src[4 * j + 4], src[4 * j + 5])
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def _output_kernel4(m, y, bias, has_bias):
+        """As _output_kernel, for 4x4 tiles."""
+        n, f, out_h, out_w = y.shape
+        tiles_h, tiles_w = (out_h + 3) // 4, (out_w + 3) // 4
+        for task in prange(n * f):
+            b = task // f
+            ch = task - b * f
+            add = bias[ch] if has_bias else 0
+            across = np.empty((6, 4 * tiles_w), dtype=m.dtype)
+            spare = np.empty(out_w, dtype=m.dtype)               # rows past out_h land here
+            t0 = b * tiles_h * tiles_w
+            for i in range(tiles_h):
+                base = t0 + i * tiles_w
+                for a in range(6):                           # M A, tile by tile
+                    m0, m1, m2 = m[6 * a, ch, base:base + tiles_w], m[6 * a + 1, ch, base:base + tiles_w], \
+                        m[6 * a + 2, ch, base:base + tiles_w]
+                    m3, m4, m5 = m[6 * a + 3, ch, base:base + tiles_w], m[6 * a + 4, ch, base:base + tiles_w], \
+                        m[6 * a + 5, ch, base:base + tiles_w]
+                    dst = across[a]
+                    for j in range(tiles_w):
+                        dst[4 * j], dst[4 * j + 1], dst[4 * j + 2], dst[4 * j + 3] = _at4(m0[j], m1[j], m2[j], m3[j],
+                                                                                          m4[j], m5[j])
+                r0 = y[b, ch, 4 * i]                         # A^T (M A), four rows at once
+                r1 = y[b, ch, 4 * i + 1] if 4 * i + 1 < out_h else spare
+                r2 = y[b, ch, 4 * i + 2] if 4 * i + 2 < out_h else spare
+                r3 = y[b, ch, 4 * i + 3] if 4 * i + 3 < out_h else spare
+                for e in range(out_w):
+                    o0, o1, o2, o3 = _at4(across[0, e], across[1, e], across[2, e], across[3, e], across[4, e],
+                                          across[5, e])
+                    r0[e] = o0 + add
+                    r1[e] = o1 + add
+                    r2[e] = o2 + add
+                    r3[e] = o3 + add
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def _output_backward_kernel4(dy, dm):
+        """As _output_backward_kernel, for 4x4 tiles: A down the columns, A^T's transpose along."""
+        n, f, out_h, out_w = dy.shape
+        tiles_h, tiles_w = (out_h + 3) // 4, (out_w + 3) // 4
+        for task in prange(n * f):
+            b = task // f
+            ch = task - b * f
+            rows = np.zeros((4, 4 * tiles_w), dtype=dy.dtype)     # past out_w: stays 0
+            down = np.empty((6, 4 * tiles_w), dtype=dy.dtype)
+            t0 = b * tiles_h * tiles_w
+            for i in range(tiles_h):
+                for q in range(4):
+                    row = 4 * i + q
+                    dst = rows[q]
+                    if row < out_h:
+                        src = dy[b, ch, row]
+                        for e in range(out_w):
+                            dst[e] = src[e]
+                    else:
+                        for e in range(out_w):
+                            dst[e] = 0
+                for e in range(4 * tiles_w):                 # A g, every column at once
+                    (down[0, e], down[1, e], down[2, e], down[3, e], down[4, e],
+                     down[5, e]) = _a4(rows[0, e], rows[1, e], rows[2, e], rows[3, e])
+                base = t0 + i * tiles_w
+                for a in range(6):                           # (A g) A^T, tile by tile
+                    src = down[a]
+                    m0, m1, m2 = dm[6 * a, ch, base:base + tiles_w], dm[6 * a + 1, ch, base:base + tiles_w], \
+                        dm[6 * a + 2, ch, base:base + tiles_w]
+                    m3, m4, m5 = dm[6 * a + 3, ch, base:base + tiles_w], dm[6 * a + 4, ch, base:base + tiles_w], \
+                        dm[6 * a + 5, ch, base:base + tiles_w]
+                    for j in range(tiles_w):
+                        m0[j], m1[j], m2[j], m3[j], m4[j], m5[j] = _a4(src[4 * j], src[4 * j + 1], src[4 * j + 2],
+                                                                       src[4 * j + 3])
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def _input_backward_kernel4(dv, dx, top, left, tiles_h, tiles_w):
+        """As _input_backward_kernel, for 6x6 patches every 4 pixels (neighbours overlap by 2)."""
+        n, c, h, w = dx.shape
+        width = 4 * tiles_w + 2
+        copied = min(w, width - left)
+        for task in prange(n * c):
+            b = task // c
+            ch = task - b * c
+            plane = dx[b, ch]
+            for yy in range(h):
+                for xx in range(w):
+                    plane[yy, xx] = 0
+            across = np.empty((6, width), dtype=dv.dtype)
+            t0 = b * tiles_h * tiles_w
+            for i in range(tiles_h):
+                base = t0 + i * tiles_w
+                for a in range(6):                           # dV B^T, overlapping tiles added
+                    v0, v1, v2 = dv[6 * a, ch, base:base + tiles_w], dv[6 * a + 1, ch, base:base + tiles_w], \
+                        dv[6 * a + 2, ch, base:base + tiles_w]
+                    v3, v4, v5 = dv[6 * a + 3, ch, base:base + tiles_w], dv[6 * a + 4, ch, base:base + tiles_w], \
+                        dv[6 * a + 5, ch, base:base + tiles_w]
+                    dst = across[a]
+                    dst[width - 2] = 0
+                    dst[width - 1] = 0
+                    for j in range(tiles_w):                 # each tile's first four columns
+                        d0, d1, d2, d3, _, _ = _b4(v0[j], v1[j], v2[j], v3[j], v4[j], v5[j])
+                        dst[4 * j], dst[4 * j + 1], dst[4 * j + 2], dst[4 * j + 3] = d0, d1, d2, d3
+                    for j in range(tiles_w):                 # its last two, onto the next tile's first
+                        _, _, _, _, d4, d5 = _b4(v0[j], v1[j], v2[j], v3[j], v4[j], v5[j])
+                        dst[4 * j + 4] += d4
+                        dst[4 * j + 5] += d5
+                for r in range(6):                           # B (dV B^T), added row by row
+                    row = 4 * i + r - top
+                    if row < 0 or row >= h:
+                        continue
+                    target = plane[row]
+                    x0, x1, x2 = across[0, left:left + copied], across[1, left:left + copied], across[2, left:left + copied]
+                    x3, x4, x5 = across[3, left:left + copied], across[4, left:left + copied], across[5, left:left + copied]
+                    if r == 0:
+                        for e in range(copied):
+                            target[e] += 4 * x0[e]
+                    elif r == 1:
+                        for e in range(copied):
+                            target[e] += 4 * (x2[e] - x1[e] + x5[e]) + 2 * (x4[e] - x3[e])
+                    elif r == 2:
+                        for e in range(copied):
+                            target[e] -= 5 * x0[e] + 4 * (x1[e] + x2[e]) + x3[e] + x4[e]
+                    elif r == 3:
+                        for e in range(copied):
+                            target[e] += x1[e] - x2[e] + 2 * (x3[e] - x4[e]) - 5 * x5[e]
+                    elif r == 4:
+                        for e in range(copied):
+                            target[e] += x0[e] + x1[e] + x2[e] + x3[e] + x4[e]
+                    else:
+                        for e in range(copied):
+                            target[e] += x5[e]
+
+    # -- the weight transforms of any tile size, with G read from an array (F(4x4, 3x3) uses
+    # them; they equal the written-out F(2x2, 3x3) ones above: tests/test_winograd.py) --------
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def _weight_kernel_any(weight, u, g):
+        """g: (F, C, 3, 3) -> U: (a^2, F, C), as _weight_kernel, for G: (a, 3)."""
+        f_count, c_count = weight.shape[:2]
+        a = g.shape[0]
+        for f in prange(f_count):
+            taps = np.empty((9, c_count), dtype=weight.dtype)
+            for c in range(c_count):
+                w = weight[f, c]
+                for k in range(9):
+                    taps[k, c] = w[k // 3, k % 3]
+            t = np.zeros((a, 3, c_count), dtype=weight.dtype)     # G g
+            for k in range(a):
+                for j in range(3):
+                    dst = t[k, j]
+                    for i in range(3):
+                        coef = g[k, i]
+                        if coef != 0:
+                            src = taps[3 * i + j]
+                            for c in range(c_count):
+                                dst[c] += coef * src[c]
+            for k in range(a):                                    # (G g) G^T
+                for l in range(a):
+                    dst = u[k * a + l, f]
+                    for c in range(c_count):
+                        dst[c] = 0
+                    for j in range(3):
+                        coef = g[l, j]
+                        if coef != 0:
+                            src = t[k, j]
+                            for c in range(c_count):
+                                dst[c] += coef * src[c]
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def _weight_backward_kernel_any(du_t, dg, g):
+        """dU^T: (a^2, C, F) -> dg: (F, C, 3, 3), as _weight_backward_kernel, for G: (a, 3)."""
+        c_count, f_count = du_t.shape[1:]
+        a = g.shape[0]
+        for c in prange(c_count):
+            s = np.zeros((3, a, f_count), dtype=du_t.dtype)      # G^T dU
+            for i in range(3):
+                for l in range(a):
+                    dst = s[i, l]
+                    for k in range(a):
+                        coef = g[k, i]
+                        if coef != 0:
+                            src = du_t[k * a + l, c]
+                            for f in range(f_count):
+                                dst[f] += coef * src[f]
+            out = np.zeros((9, f_count), dtype=du_t.dtype)       # (G^T dU) G
+            for i in range(3):
+                for j in range(3):
+                    dst = out[3 * i + j]
+                    for l in range(a):
+                        coef = g[l, j]
+                        if coef != 0:
+                            src = s[i, l]
+                            for f in range(f_count):
+                                dst[f] += coef * src[f]
+            for f in range(f_count):
+                w = dg[f, c]
+                for k in range(9):
+                    w[k // 3, k % 3] = out[k, f]
+
+
+def _matrix(which: int, tile: int, dtype):
+    """G (0), B^T (1) or A^T (2) of the tiling, contiguous, in the data's dtype."""
+    return np.ascontiguousarray(TILINGS[tile][which], dtype=dtype)
+
+
+def weight_transform(weight, tile: int = 2):
+    """weight g: (F, C, 3, 3) -> U: (a^2, F, C), U[i*a + j] = (G g G^T)[i, j], a = tile + 2."""
     if not _fast(weight):
-        return weight_transform_reference(weight)
+        return weight_transform_reference(weight, tile)
     weight = np.ascontiguousarray(weight)
-    u = np.empty((16,) + weight.shape[:2], dtype=weight.dtype)
-    _weight_kernel(weight, u)
+    u = np.empty(((tile + 2) ** 2,) + weight.shape[:2], dtype=weight.dtype)
+    if tile == 2:
+        _weight_kernel(weight, u)
+    else:
+        _weight_kernel_any(weight, u, _matrix(0, tile, weight.dtype))
     return u
 
 
-def weight_transform_backward(du_t):
-    """dU^T: (16, C, F) -> dg: (F, C, 3, 3) = G^T dU G, a fresh array."""
+def weight_transform_backward(du_t, tile: int = 2):
+    """dU^T: (a^2, C, F) -> dg: (F, C, 3, 3) = G^T dU G, a fresh array."""
     if not _fast(du_t):
-        return weight_transform_backward_reference(du_t)
+        return weight_transform_backward_reference(du_t, tile)
     du_t = np.ascontiguousarray(du_t)
     dg = np.empty((du_t.shape[2], du_t.shape[1], 3, 3), dtype=du_t.dtype)
-    _weight_backward_kernel(du_t, dg)
+    if tile == 2:
+        _weight_backward_kernel(du_t, dg)
+    else:
+        _weight_backward_kernel_any(du_t, dg, _matrix(0, tile, du_t.dtype))
     return dg
 
 
@@ -407,43 +704,56 @@ def _fast(*arrays) -> bool:
     return njit is not None and forced() != "reference" and all(isinstance(a, np.ndarray) for a in arrays)
 
 
-def input_transform(x, top, left, tiles_h, tiles_w, out=None):
-    """x: (N, C, H, W) -> V: (16, C, N*tiles_h*tiles_w) (into ``out`` when given)."""
+def input_transform(x, top, left, tiles_h, tiles_w, out=None, tile: int = 2):
+    """x: (N, C, H, W) -> V: (a^2, C, N*tiles_h*tiles_w) (into ``out`` when given)."""
     if not _fast(x):
-        return input_transform_reference(x, top, left, tiles_h, tiles_w)
+        return input_transform_reference(x, top, left, tiles_h, tiles_w, tile)
     x = np.ascontiguousarray(x)
     n, c = x.shape[:2]
-    v = np.empty((16, c, n * tiles_h * tiles_w), dtype=x.dtype) if out is None else out
-    _input_kernel(x, v, top, left, tiles_h, tiles_w)
+    v = np.empty(((tile + 2) ** 2, c, n * tiles_h * tiles_w), dtype=x.dtype) if out is None else out
+    if tile == 2:
+        _input_kernel(x, v, top, left, tiles_h, tiles_w)
+    else:
+        _input_kernel4(x, v, top, left, tiles_h, tiles_w)
     return v
 
 
-def output_transform(m, n, out_h, out_w, bias=None):
-    """M: (16, F, T) -> y: (N, F, OH, OW) + bias, a fresh array."""
+def output_transform(m, n, out_h, out_w, bias=None, tile: int = 2):
+    """M: (a^2, F, T) -> y: (N, F, OH, OW) + bias, a fresh array."""
     if not _fast(m):
-        return output_transform_reference(m, n, out_h, out_w, bias)
+        return output_transform_reference(m, n, out_h, out_w, bias, tile)
     y = np.empty((n, m.shape[1], out_h, out_w), dtype=m.dtype)
     has_bias = bias is not None
-    _output_kernel(np.ascontiguousarray(m), y, bias if has_bias else np.zeros(1, m.dtype), has_bias)
+    bias = bias if has_bias else np.zeros(1, m.dtype)
+    if tile == 2:
+        _output_kernel(np.ascontiguousarray(m), y, bias, has_bias)
+    else:
+        _output_kernel4(np.ascontiguousarray(m), y, bias, has_bias)
     return y
 
 
-def output_transform_backward(dy, out=None):
-    """dY: (N, F, OH, OW) -> dM: (16, F, T) (into ``out`` when given)."""
+def output_transform_backward(dy, out=None, tile: int = 2):
+    """dY: (N, F, OH, OW) -> dM: (a^2, F, T) (into ``out`` when given)."""
     if not _fast(dy):
-        return output_transform_backward_reference(dy)
+        return output_transform_backward_reference(dy, tile)
     dy = np.ascontiguousarray(dy)
     n, f, out_h, out_w = dy.shape
-    th, tw = tiles(out_h, out_w)
-    dm = np.empty((16, f, n * th * tw), dtype=dy.dtype) if out is None else out
-    _output_backward_kernel(dy, dm)
+    th, tw = tiles(out_h, out_w, tile)
+    dm = np.empty(((tile + 2) ** 2, f, n * th * tw), dtype=dy.dtype) if out is None else out
+    if tile == 2:
+        _output_backward_kernel(dy, dm)
+    else:
+        _output_backward_kernel4(dy, dm)
     return dm
 
 
-def input_transform_backward(dv, x_shape, top, left, tiles_h, tiles_w):
-    """dV: (16, C, T) -> dx: (N, C, H, W), a fresh array."""
+def input_transform_backward(dv, x_shape, top, left, tiles_h, tiles_w, tile: int = 2):
+    """dV: (a^2, C, T) -> dx: (N, C, H, W), a fresh array."""
     if not _fast(dv):
-        return input_transform_backward_reference(dv, x_shape, top, left, tiles_h, tiles_w)
+        return input_transform_backward_reference(dv, x_shape, top, left, tiles_h, tiles_w, tile)
     dx = np.empty(tuple(int(s) for s in x_shape), dtype=dv.dtype)
-    _input_backward_kernel(np.ascontiguousarray(dv), dx, top, left, tiles_h, tiles_w)
+    if tile == 2:
+        _input_backward_kernel(np.ascontiguousarray(dv), dx, top, left, tiles_h, tiles_w)
+    else:
+        _input_backward_kernel4(np.ascontiguousarray(dv), dx, top, left, tiles_h, tiles_w)
     return dx

@@ -338,8 +338,10 @@ def test_workspace_bytes():
     from tinyunet.layers import Conv2d
     from tinyunet.layers import conv
     assert Conv2d(1, 64, 3).workspace_bytes((2, 1, 16, 16)) == 2 * 9 * 16 * 16 * 4          # im2col
-    # Winograd, 64 -> 64 at 64x64, batch 2: 2 * 32 * 32 tiles, 16 numbers per tile and channel
-    assert Conv2d(64, 64, 3).workspace_bytes((2, 64, 64, 64)) == 2 * 32 * 32 * 16 * 128 * 4
+    # Winograd, 64 -> 64 at 32x32, batch 2: F(2x2, 3x3), 2 * 16 * 16 tiles, 16 numbers per tile
+    # and channel; at 64x64 F(4x4, 3x3): 2 * 16 * 16 tiles, 36 numbers
+    assert Conv2d(64, 64, 3).workspace_bytes((2, 64, 32, 32)) == 2 * 16 * 16 * 16 * 128 * 4
+    assert Conv2d(64, 64, 3).workspace_bytes((2, 64, 64, 64)) == 2 * 16 * 16 * 36 * 128 * 4
     with conv.using_method("im2col"):                                                     # too big: bands
         banded = Conv2d(128, 64, 3).workspace_bytes((2, 128, 256, 256))
     row = 128 * 9 * 256 * 4

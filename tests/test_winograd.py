@@ -1,5 +1,6 @@
-"""Winograd F(2x2, 3x3) (kernels/winograd.py): the transforms against the direct convolution,
-the Numba kernels against the reference, and each backward as the exact transpose."""
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3) (kernels/winograd.py): the transforms against the
+direct convolution, the Numba kernels against the reference, and each backward as the exact
+transpose, for both tile sizes."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -21,51 +22,57 @@ def cases(draw):
                 padding=pads, seed=draw(st.integers(0, 2 ** 16)))
 
 
-def transformed_conv(x, weight, bias, padding, fast: bool):
+def transformed_conv(x, weight, bias, padding, fast: bool, tile: int):
     """y through the four steps, by the reference or by the Numba kernels."""
     (top, bottom), (left, right) = padding
     out_h, out_w = x.shape[2] + top + bottom - 2, x.shape[3] + left + right - 2
-    th, tw = winograd.tiles(out_h, out_w)
+    th, tw = winograd.tiles(out_h, out_w, tile)
     with kernels.using(None if fast else "reference"):
-        v = winograd.input_transform(x, top, left, th, tw)
-        m = np.matmul(winograd.weight_transform(weight), v)
-        return winograd.output_transform(m, x.shape[0], out_h, out_w, bias)
+        v = winograd.input_transform(x, top, left, th, tw, tile=tile)
+        m = np.matmul(winograd.weight_transform(weight, tile), v)
+        return winograd.output_transform(m, x.shape[0], out_h, out_w, bias, tile=tile)
 
 
+TILES = pytest.mark.parametrize("tile", [2, 4])
+
+
+@TILES
 @settings(max_examples=40, deadline=None)
 @given(g=cases())
-def test_the_transforms_compute_the_convolution(g):
+def test_the_transforms_compute_the_convolution(tile, g):
     rng = np.random.default_rng(g["seed"])
     x = rng.standard_normal((g["n"], g["c"], g["h"], g["w"]))
     weight, bias = rng.standard_normal((g["f"], g["c"], 3, 3)), rng.standard_normal(g["f"])
     expected = conv2d_naive(x, weight, bias, g["padding"])
     for fast in (False, True):
-        np.testing.assert_allclose(transformed_conv(x, weight, bias, g["padding"], fast), expected,
+        np.testing.assert_allclose(transformed_conv(x, weight, bias, g["padding"], fast, tile), expected,
                                    rtol=1e-10, atol=1e-10)
 
 
+@TILES
 @settings(max_examples=30, deadline=None)
 @given(g=cases())
-def test_each_kernel_equals_its_reference_and_each_backward_is_the_transpose(g):
+def test_each_kernel_equals_its_reference_and_each_backward_is_the_transpose(tile, g):
     """<T a, b> = <a, T^T b> for every transform T and its backward, on random a and b:
     the definition of the transpose, so the backward is the gradient of the forward."""
     rng = np.random.default_rng(g["seed"])
     (top, bottom), (left, right) = g["padding"]
     n, c, f, h, w = g["n"], g["c"], g["f"], g["h"], g["w"]
     out_h, out_w = h + top + bottom - 2, w + left + right - 2
-    th, tw = winograd.tiles(out_h, out_w)
+    th, tw = winograd.tiles(out_h, out_w, tile)
+    k = (tile + 2) ** 2
     x = rng.standard_normal((n, c, h, w))
-    dv = rng.standard_normal((16, c, n * th * tw))
-    m = rng.standard_normal((16, f, n * th * tw))
+    dv = rng.standard_normal((k, c, n * th * tw))
+    m = rng.standard_normal((k, f, n * th * tw))
     dy = rng.standard_normal((n, f, out_h, out_w))
-    weight, du = rng.standard_normal((f, c, 3, 3)), rng.standard_normal((16, f, c))
+    weight, du = rng.standard_normal((f, c, 3, 3)), rng.standard_normal((k, f, c))
     results = {}
     for name in ("reference", None):
         with kernels.using(name):
-            results[name] = (winograd.input_transform(x, top, left, th, tw),
-                             winograd.input_transform_backward(dv, x.shape, top, left, th, tw),
-                             winograd.output_transform(m, n, out_h, out_w),
-                             winograd.output_transform_backward(dy))
+            results[name] = (winograd.input_transform(x, top, left, th, tw, tile=tile),
+                             winograd.input_transform_backward(dv, x.shape, top, left, th, tw, tile=tile),
+                             winograd.output_transform(m, n, out_h, out_w, tile=tile),
+                             winograd.output_transform_backward(dy, tile=tile))
     for fast, reference in zip(results[None], results["reference"]):
         np.testing.assert_allclose(fast, reference, rtol=1e-12, atol=1e-12)
     v, dx, y, dm = results["reference"]
@@ -74,17 +81,18 @@ def test_each_kernel_equals_its_reference_and_each_backward_is_the_transpose(g):
     du_t = du.transpose(0, 2, 1)
     for name in ("reference", None):
         with kernels.using(name):
-            results[name] = (winograd.weight_transform(weight), winograd.weight_transform_backward(du_t))
+            results[name] = (winograd.weight_transform(weight, tile), winograd.weight_transform_backward(du_t, tile))
     for fast, reference in zip(results[None], results["reference"]):
         np.testing.assert_allclose(fast, reference, rtol=1e-12, atol=1e-12)
     u, dg = results["reference"]
     assert np.vdot(u, du) == pytest.approx(np.vdot(weight, dg), rel=1e-10)
 
 
+@TILES
 @pytest.mark.parametrize("workspace", [10 ** 12, 1])
 @settings(max_examples=15, deadline=None)
 @given(g=cases())
-def test_the_winograd_method_gives_the_im2col_conv_and_gradients(workspace, g):
+def test_the_winograd_method_gives_the_im2col_conv_and_gradients(tile, workspace, g):
     """The layer with method 'winograd', whole or in one-band pieces, against plain im2col."""
     rng = np.random.default_rng(g["seed"])
     layer = Conv2d(g["c"], g["f"], 3, padding=g["padding"], seed=g["seed"] % 100, dtype=np.float64)
@@ -92,19 +100,24 @@ def test_the_winograd_method_gives_the_im2col_conv_and_gradients(workspace, g):
     x = rng.standard_normal((g["n"], g["c"], g["h"], g["w"]))
     results = []
     for method in ("im2col", "winograd"):
-        saved, conv.WORKSPACE_BYTES = conv.WORKSPACE_BYTES, workspace if method == "winograd" else 10 ** 12
+        saved = conv.WORKSPACE_BYTES, conv.WINOGRAD_TILE
+        conv.WORKSPACE_BYTES, conv.WINOGRAD_TILE = (workspace if method == "winograd" else 10 ** 12), tile
         try:
             with conv.using_method(method):
                 y = layer.forward(x)
                 dy = np.random.default_rng(3).standard_normal(y.shape)
                 results.append((y, layer.backward(dy), layer.grads["weight"].copy(), layer.grads["bias"].copy()))
         finally:
-            conv.WORKSPACE_BYTES = saved
+            conv.WORKSPACE_BYTES, conv.WINOGRAD_TILE = saved
     for winograd_result, im2col_result in zip(results[1], results[0]):
         np.testing.assert_allclose(winograd_result, im2col_result, rtol=1e-10, atol=1e-10)
 
 
-def test_winograd_float32_is_within_rounding_of_float64():
+@TILES
+def test_winograd_float32_is_within_rounding_of_float64(tile, monkeypatch):
+    """Within 1e-4 of the output's scale for both tiles (measured: ~5e-7 with 2x2 tiles, ~1e-5
+    with 4x4, whose matrices have larger entries)."""
+    monkeypatch.setattr(conv, "WINOGRAD_TILE", tile)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 32, 20, 20))
     layer = Conv2d(32, 24, 3, seed=1, dtype=np.float64)
@@ -129,10 +142,12 @@ def test_auto_chooses_winograd_for_wide_3x3_on_large_images_and_not_elsewhere():
     assert conv.choose_method(64, 64, (3, 3), same, (2, 2)) == "im2col"         # stride 2
 
 
+@TILES
 @pytest.mark.parametrize("workspace", [10 ** 12, 1])
-def test_the_winograd_method_on_the_reference_transforms(workspace):
+def test_the_winograd_method_on_the_reference_transforms(workspace, tile, monkeypatch):
     """The path CuPy arrays take (TINYUNET_KERNELS=reference here): the transforms return fresh
     arrays instead of filling the workspace, and the layer must give the same results."""
+    monkeypatch.setattr(conv, "WINOGRAD_TILE", tile)
     rng = np.random.default_rng(4)
     layer = Conv2d(3, 5, 3, padding=((1, 2), (0, 1)), seed=2, dtype=np.float64)
     x = rng.standard_normal((2, 3, 7, 6))
@@ -148,3 +163,14 @@ def test_the_winograd_method_on_the_reference_transforms(workspace):
         conv.WORKSPACE_BYTES = saved
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_the_tile_follows_the_image_size():
+    """F(4x4, 3x3) from WINOGRAD_TILE4_MIN_PIXELS output pixels (the U-Net's levels from 64x64),
+    F(2x2, 3x3) below, where its 36 transformed weight copies would cost more than they save."""
+    same = ((1, 1), (1, 1))
+    assert conv._winograd_tile((2, 64, 64, 64), same) == 4
+    assert conv._winograd_tile((2, 64, 256, 256), same) == 4
+    assert conv._winograd_tile((2, 512, 32, 32), same) == 2
+    assert conv._winograd_tile((2, 64, 66, 66), ((0, 0), (0, 0))) == 4        # 64x64 out, valid
+    assert conv._winograd_tile((2, 64, 65, 65), ((0, 0), (0, 0))) == 2        # 63x63 out

@@ -129,9 +129,10 @@ class Conv2d(Layer):
         if _is_pointwise((kh, kw), pad, stride):
             return 0
         if method == "winograd":            # V and M of the largest piece
-            return max((n if piece.image == slice(None) else 1) * 16 * (c + f) * int(np.prod(
-                winograd.tiles(piece.out_rows[1] - piece.out_rows[0], w + pad[1][0] + pad[1][1] - 2))) * itemsize
-                for piece in _winograd_pieces(x_shape, f, pad, itemsize))
+            t = _winograd_tile(x_shape, pad)
+            return max((n if piece.image == slice(None) else 1) * (t + 2) ** 2 * (c + f) * int(np.prod(
+                winograd.tiles(piece.out_rows[1] - piece.out_rows[0], w + pad[1][0] + pad[1][1] - 2, t)))
+                * itemsize for piece in _winograd_pieces(x_shape, f, pad, itemsize))
         largest = _largest_piece(x_shape, (kh, kw), pad, stride, itemsize)
         if method == "flip":                  # dx: the columns of dy, padded by kernel - 1 - padding
             (pt, pb), (pl, pr) = pad
@@ -191,14 +192,23 @@ METHODS = ("im2col", "flip", "shifted", "winograd")
 #          matrix products M[k] = U[k] @ V[k], transform M back. 2.25x fewer multiply-adds
 #          than im2col, and V holds 16 numbers per 4 pixels where the columns hold 9 per pixel.
 #          Its backward runs the same linear steps transposed: dU[k] = dM[k] @ V[k]^T,
-#          dV[k] = U[k]^T @ dM[k]. Float32 results differ from im2col's by rounding only
-#          (relative 1e-6); the float64 checks hold to 1e-10.
+#          dV[k] = U[k]^T @ dM[k]. On large images F(4x4, 3x3) instead: 4x4 tiles from 6x6
+#          patches, 36 products on a quarter of the tiles, 4x fewer multiply-adds than
+#          im2col (_winograd_tile). Float32 results differ from im2col's by rounding only
+#          (relative 1e-6 with 2x2 tiles, 1e-5 with 4x4); the float64 checks hold to 1e-10.
 SHIFTED_MAX_OUT_CHANNELS = 8        # "shifted" up to this many output channels (bench: 2)
 WINOGRAD_MIN_CHANNELS = 16          # "winograd" from this many in and out channels ...
 WINOGRAD_MIN_PIXELS = 16 * 16       # ... and output pixels: below, its 16 transformed copies of
                                     # the weights cost more than the products save (a 128x128
                                     # step with the 8x8 layers too: 786-810 ms against 677-748 ms
                                     # without; with the 16x16 layers: 677-748 against 738-788 ms)
+WINOGRAD_TILE4_MIN_PIXELS = 64 * 64 # F(4x4, 3x3) from this many output pixels, F(2x2, 3x3) below:
+                                    # its 36 transformed copies of the weights cost more than they
+                                    # save on the small deep layers (steps, alternating processes:
+                                    # 128x128 641-665 ms against 671-709 with F(2x2) everywhere and
+                                    # 772-780 with F(4x4) everywhere; 256x256 2073-2101 against
+                                    # 2266-2281 ms)
+WINOGRAD_TILE = 0                   # 2 or 4 forces that tile everywhere (tests); 0: by size
 SMALL_IMAGE_PIXELS = 1024           # dW from one product over the whole batch up to 32x32
 _method = "auto"                    # set by use_method / using_method
 _workspace: dict = {}               # reused buffers, see _scratch
@@ -463,27 +473,41 @@ def _input_grad_flip(weight, dy, padding):
     return _product(turned, dy, (kh, kw), ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)), (1, 1))
 
 
+def _winograd_tile(x_shape, padding) -> int:
+    """The Winograd output tile for this geometry: 4, F(4x4, 3x3), on images of at least
+    WINOGRAD_TILE4_MIN_PIXELS output pixels, else 2, F(2x2, 3x3)."""
+    if WINOGRAD_TILE:
+        return WINOGRAD_TILE
+    (pt, pb), (pl, pr) = padding
+    pixels = (x_shape[2] + pt + pb - 2) * (x_shape[3] + pl + pr - 2)
+    return 4 if pixels >= WINOGRAD_TILE4_MIN_PIXELS else 2
+
+
 def _winograd_pieces(x_shape, f, padding, itemsize):
-    """pieces() for Winograd: per output row, V and M hold 8 * (C + F) numbers per tile column."""
+    """pieces() for Winograd: per output row, V and M hold (t + 2)^2 / t * (C + F) numbers per
+    tile column, t = _winograd_tile(...) (8 for t = 2, 9 for t = 4); bands are whole tile rows."""
     n, c, h, w = x_shape
+    t = _winograd_tile(x_shape, padding)
     ow = w + padding[1][0] + padding[1][1] - 2
-    tiles_w = winograd.tiles(1, ow)[1]
-    return pieces(x_shape, (3, 3), padding, (1, 1), itemsize, row_bytes=8 * (c + f) * tiles_w * itemsize,
-                  row_multiple=2)
+    tiles_w = winograd.tiles(1, ow, t)[1]
+    return pieces(x_shape, (3, 3), padding, (1, 1), itemsize,
+                  row_bytes=(t + 2) ** 2 * (c + f) * tiles_w * itemsize // t, row_multiple=t)
 
 
-def _winograd_geometry(band_shape, piece):
+def _winograd_geometry(band_shape, piece, t):
     """(top, left, rows, OW, tiles_h, tiles_w) of one piece."""
     (top, _), (left, right) = piece.padding
     rows, ow = piece.out_rows[1] - piece.out_rows[0], band_shape[3] + left + right - 2
-    return (top, left, rows, ow) + winograd.tiles(rows, ow)
+    return (top, left, rows, ow) + winograd.tiles(rows, ow, t)
 
 
-def _winograd_buffers(xp, c, f, tiles, dtype):
-    """V: (16, C, T) and M: (16, F, T), side by side in the one workspace block that the column
-    matrices use (a conv uses one or the other), so that pieces() bounds them together."""
-    block = _scratch(xp, (16 * (c + f) * tiles,), dtype)
-    return block[:16 * c * tiles].reshape(16, c, tiles), block[16 * c * tiles:].reshape(16, f, tiles)
+def _winograd_buffers(xp, c, f, tiles, dtype, t):
+    """V: (a^2, C, T) and M: (a^2, F, T), a = t + 2, side by side in the one
+    workspace block that the column matrices use (a conv uses one or the other), so that
+    pieces() bounds them together."""
+    k = (t + 2) ** 2
+    block = _scratch(xp, (k * (c + f) * tiles,), dtype)
+    return block[:k * c * tiles].reshape(k, c, tiles), block[k * c * tiles:].reshape(k, f, tiles)
 
 
 def _forward_winograd(x, weight, bias, padding):
@@ -491,21 +515,22 @@ def _forward_winograd(x, weight, bias, padding):
     xp = get_array_module(x)
     n, c = x.shape[:2]
     f = weight.shape[0]
-    u = winograd.weight_transform(weight)                               # (16, F, C)
+    t = _winograd_tile(x.shape, padding)
+    u = winograd.weight_transform(weight, t)                            # (a^2, F, C)
     _, _, _, (oh, ow) = kernels.normalize(x.shape, (3, 3), padding, (1, 1))
     parts = _winograd_pieces(x.shape, f, padding, x.itemsize)
     y = None if len(parts) == 1 else xp.empty((n, f, oh, ow), dtype=x.dtype)
     for piece in parts:
         band = _band(x, piece)
-        top, left, rows, _, th, tw = _winograd_geometry(band.shape, piece)
+        top, left, rows, _, th, tw = _winograd_geometry(band.shape, piece, t)
         m_images = band.shape[0]
-        v, m = _winograd_buffers(xp, c, f, m_images * th * tw, x.dtype)
-        v = winograd.input_transform(band, top, left, th, tw, out=v)
+        v, m = _winograd_buffers(xp, c, f, m_images * th * tw, x.dtype, t)
+        v = winograd.input_transform(band, top, left, th, tw, out=v, tile=t)
         m = xp.matmul(u, v, out=m)
         if y is None:
-            return winograd.output_transform(m, n, oh, ow, bias)
+            return winograd.output_transform(m, n, oh, ow, bias, tile=t)
         r0, r1 = piece.out_rows
-        y[piece.image, :, r0:r1] = winograd.output_transform(m, m_images, rows, ow, bias)
+        y[piece.image, :, r0:r1] = winograd.output_transform(m, m_images, rows, ow, bias, tile=t)
     return y
 
 
@@ -515,32 +540,33 @@ def _backward_winograd(x, weight, dy, padding):
     c, f = x.shape[1], weight.shape[0]
     # U again, not kept from the forward: a few ms with the Numba kernel, where keeping it for
     # every layer until its backward would hold 16/9 of the weights' bytes more
-    u = winograd.weight_transform(weight)                               # (16, F, C)
-    ut = u.transpose(0, 2, 1)                                           # (16, C, F), a view
+    t = _winograd_tile(x.shape, padding)
+    u = winograd.weight_transform(weight, t)                            # (a^2, F, C)
+    ut = u.transpose(0, 2, 1)                                           # (a^2, C, F), a view
     parts = _winograd_pieces(x.shape, f, padding, x.itemsize)
     du_t = None                                                         # dU^T: (16, C, F)
     dx = None if len(parts) == 1 else xp.zeros(x.shape, dtype=x.dtype)
     for piece in parts:
         band = _band(x, piece)
-        top, left, _, _, th, tw = _winograd_geometry(band.shape, piece)
+        top, left, _, _, th, tw = _winograd_geometry(band.shape, piece, t)
         tile_count = band.shape[0] * th * tw
         r0, r1 = piece.out_rows
-        v, dm = _winograd_buffers(xp, c, f, tile_count, x.dtype)
-        v = winograd.input_transform(band, top, left, th, tw, out=v)
-        dm = winograd.output_transform_backward(dy[piece.image, :, r0:r1], out=dm)
+        v, dm = _winograd_buffers(xp, c, f, tile_count, x.dtype, t)
+        v = winograd.input_transform(band, top, left, th, tw, out=v, tile=t)
+        dm = winograd.output_transform_backward(dy[piece.image, :, r0:r1], out=dm, tile=t)
         # dU^T[k] = V[k] @ dM[k]^T: the long dimension (tiles) inside, as conv2d_backward's dW
         if du_t is None:
             du_t = xp.matmul(v, dm.transpose(0, 2, 1))
         else:
             du_t += xp.matmul(v, dm.transpose(0, 2, 1))
         dv = xp.matmul(ut, dm, out=v)                                   # V has served: reuse it
-        band_dx = winograd.input_transform_backward(dv, band.shape, top, left, th, tw)
+        band_dx = winograd.input_transform_backward(dv, band.shape, top, left, th, tw, tile=t)
         if dx is None:
             dx = band_dx
         else:
             lo, hi = piece.in_rows
             dx[piece.image, :, lo:hi] += band_dx
-    dw = winograd.weight_transform_backward(du_t)
+    dw = winograd.weight_transform_backward(du_t, t)
     return dx, dw
 
 
