@@ -178,6 +178,18 @@ def input_transform_backward_reference(dv, x_shape, top, left, tiles_h, tiles_w,
 # the transforms that read or write planes, and V / M are written at [k, channel, tile].
 
 if njit is not None:
+    @njit(cache=True, inline="always")
+    def _load_row(dst, plane, row, count):
+        """dst[:count] = plane[row, :count], or zeros where row lies outside the plane (padding
+        above or below, or past the last output row)."""
+        if 0 <= row < plane.shape[0]:
+            src = plane[row]
+            for e in range(count):
+                dst[e] = src[e]
+        else:
+            for e in range(count):
+                dst[e] = 0
+
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _input_kernel(x, v, top, left, tiles_h, tiles_w):
         """One tile row at a time: its 4 input rows copied into a zero-padded buffer, B^T down
@@ -194,15 +206,7 @@ if njit is not None:
             t0 = b * tiles_h * tiles_w
             for i in range(tiles_h):
                 for a in range(4):
-                    row = 2 * i + a - top
-                    dst = rows[a, left:left + copied]
-                    if 0 <= row < h:
-                        src = x[b, ch, row]
-                        for e in range(copied):
-                            dst[e] = src[e]
-                    else:
-                        for e in range(copied):
-                            dst[e] = 0
+                    _load_row(rows[a, left:left + copied], x[b, ch], 2 * i + a - top, copied)
                 for e in range(width):                       # B^T d, every column at once
                     r0, r1, r2, r3 = rows[0, e], rows[1, e], rows[2, e], rows[3, e]
                     down[0, e] = r0 - r2
@@ -268,15 +272,7 @@ if njit is not None:
             t0 = b * tiles_h * tiles_w
             for i in range(tiles_h):
                 for a in range(2):
-                    row = 2 * i + a
-                    dst = rows[a]
-                    if row < out_h:
-                        src = dy[b, ch, row]
-                        for e in range(out_w):
-                            dst[e] = src[e]
-                    else:
-                        for e in range(out_w):
-                            dst[e] = 0
+                    _load_row(rows[a], dy[b, ch], 2 * i + a, out_w)
                 for e in range(2 * tiles_w):                 # A g, every column at once
                     g0, g1 = rows[0, e], rows[1, e]
                     down[0, e] = g0
@@ -449,15 +445,7 @@ if njit is not None:
             t0 = b * tiles_h * tiles_w
             for i in range(tiles_h):
                 for r in range(6):
-                    row = 4 * i + r - top
-                    dst = rows[r, left:left + copied]
-                    if 0 <= row < h:
-                        src = x[b, ch, row]
-                        for e in range(copied):
-                            dst[e] = src[e]
-                    else:
-                        for e in range(copied):
-                            dst[e] = 0
+                    _load_row(rows[r, left:left + copied], x[b, ch], 4 * i + r - top, copied)
                 for e in range(width):                       # B^T d, every column at once
                     (down[0, e], down[1, e], down[2, e], down[3, e], down[4, e],
                      down[5, e]) = _bt4(rows[0, e], rows[1, e], rows[2, e], rows[3, e], rows[4, e], rows[5, e])
@@ -520,15 +508,7 @@ if njit is not None:
             t0 = b * tiles_h * tiles_w
             for i in range(tiles_h):
                 for q in range(4):
-                    row = 4 * i + q
-                    dst = rows[q]
-                    if row < out_h:
-                        src = dy[b, ch, row]
-                        for e in range(out_w):
-                            dst[e] = src[e]
-                    else:
-                        for e in range(out_w):
-                            dst[e] = 0
+                    _load_row(rows[q], dy[b, ch], 4 * i + q, out_w)
                 for e in range(4 * tiles_w):                 # A g, every column at once
                     (down[0, e], down[1, e], down[2, e], down[3, e], down[4, e],
                      down[5, e]) = _a4(rows[0, e], rows[1, e], rows[2, e], rows[3, e])
@@ -669,11 +649,6 @@ if njit is not None:
                     w[k // 3, k % 3] = out[k, f]
 
 
-def _matrix(which: int, tile: int, dtype):
-    """G (0), B^T (1) or A^T (2) of the tiling, contiguous, in the data's dtype."""
-    return np.ascontiguousarray(TILINGS[tile][which], dtype=dtype)
-
-
 def weight_transform(weight, tile: int = 2):
     """weight g: (F, C, 3, 3) -> U: (a^2, F, C), U[i*a + j] = (G g G^T)[i, j], a = tile + 2."""
     if not _fast(weight):
@@ -683,7 +658,7 @@ def weight_transform(weight, tile: int = 2):
     if tile == 2:
         _weight_kernel(weight, u)
     else:
-        _weight_kernel_any(weight, u, _matrix(0, tile, weight.dtype))
+        _weight_kernel_any(weight, u, np.asarray(TILINGS[tile][0], dtype=weight.dtype))
     return u
 
 
@@ -696,7 +671,7 @@ def weight_transform_backward(du_t, tile: int = 2):
     if tile == 2:
         _weight_backward_kernel(du_t, dg)
     else:
-        _weight_backward_kernel_any(du_t, dg, _matrix(0, tile, du_t.dtype))
+        _weight_backward_kernel_any(du_t, dg, np.asarray(TILINGS[tile][0], dtype=du_t.dtype))
     return dg
 
 

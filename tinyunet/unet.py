@@ -492,8 +492,9 @@ class UNet:
             kept for backward                            every conv's input (float), every
                                                          ReLU mask (bool), pool argmax (int8),
                                                          dropout mask (float)
-            largest conv workspace                       the largest piece of a column matrix
-                                                         (tinyunet.layers.conv.pieces: at most
+            largest conv workspace                       Conv2d.workspace_bytes: the largest
+                                                         piece of a column matrix or of
+                                                         Winograd's V and M (at most
                                                          WORKSPACE_BYTES unless one output row
                                                          is larger); its gradient reuses it
         """

@@ -116,7 +116,7 @@ class Conv2d(Layer):
     def workspace_bytes(self, x_shape) -> int:
         """Bytes of the reused buffer this layer's forward and backward need for an x of
         ``x_shape`` (N, C, H, W): the largest piece of a column matrix, m * C*kh*kw * rows*OW *
-        itemsize (see pieces), Winograd's V and M, m * 16 * (C + F) * tiles * itemsize, or the
+        itemsize (see pieces), Winograd's V and M, m * (t + 2)^2 * (C + F) * tiles * itemsize, or the
         padded copy of 'shifted'. Test: tests/test_kernels.py::test_workspace_bytes."""
         n, c, h, w = x_shape
         f, itemsize = self.out_channels, np.dtype(self.dtype).itemsize
@@ -132,7 +132,7 @@ class Conv2d(Layer):
             t = _winograd_tile(x_shape, pad)
             return max((n if piece.image == slice(None) else 1) * (t + 2) ** 2 * (c + f) * int(np.prod(
                 winograd.tiles(piece.out_rows[1] - piece.out_rows[0], w + pad[1][0] + pad[1][1] - 2, t)))
-                * itemsize for piece in _winograd_pieces(x_shape, f, pad, itemsize))
+                * itemsize for piece in _winograd_pieces(x_shape, f, pad, itemsize, t))
         largest = _largest_piece(x_shape, (kh, kw), pad, stride, itemsize)
         if method == "flip":                  # dx: the columns of dy, padded by kernel - 1 - padding
             (pt, pb), (pl, pr) = pad
@@ -483,11 +483,10 @@ def _winograd_tile(x_shape, padding) -> int:
     return 4 if pixels >= WINOGRAD_TILE4_MIN_PIXELS else 2
 
 
-def _winograd_pieces(x_shape, f, padding, itemsize):
-    """pieces() for Winograd: per output row, V and M hold (t + 2)^2 / t * (C + F) numbers per
-    tile column, t = _winograd_tile(...) (8 for t = 2, 9 for t = 4); bands are whole tile rows."""
+def _winograd_pieces(x_shape, f, padding, itemsize, t):
+    """pieces() for Winograd with output tile t: per output row, V and M hold (t + 2)^2 / t *
+    (C + F) numbers per tile column (8 for t = 2, 9 for t = 4); bands are whole tile rows."""
     n, c, h, w = x_shape
-    t = _winograd_tile(x_shape, padding)
     ow = w + padding[1][0] + padding[1][1] - 2
     tiles_w = winograd.tiles(1, ow, t)[1]
     return pieces(x_shape, (3, 3), padding, (1, 1), itemsize,
@@ -511,14 +510,14 @@ def _winograd_buffers(xp, c, f, tiles, dtype, t):
 
 
 def _forward_winograd(x, weight, bias, padding):
-    """y by F(2x2, 3x3), piece by piece: V = input transform, M[k] = U[k] @ V[k], y = A^T M A."""
+    """y by F(t x t, 3x3), piece by piece: V = input transform, M[k] = U[k] @ V[k], y = A^T M A."""
     xp = get_array_module(x)
     n, c = x.shape[:2]
     f = weight.shape[0]
     t = _winograd_tile(x.shape, padding)
     u = winograd.weight_transform(weight, t)                            # (a^2, F, C)
     _, _, _, (oh, ow) = kernels.normalize(x.shape, (3, 3), padding, (1, 1))
-    parts = _winograd_pieces(x.shape, f, padding, x.itemsize)
+    parts = _winograd_pieces(x.shape, f, padding, x.itemsize, t)
     y = None if len(parts) == 1 else xp.empty((n, f, oh, ow), dtype=x.dtype)
     for piece in parts:
         band = _band(x, piece)
@@ -539,12 +538,12 @@ def _backward_winograd(x, weight, dy, padding):
     xp = get_array_module(dy)
     c, f = x.shape[1], weight.shape[0]
     # U again, not kept from the forward: a few ms with the Numba kernel, where keeping it for
-    # every layer until its backward would hold 16/9 of the weights' bytes more
+    # every layer until its backward would hold 16/9 (2x2 tiles) or 36/9 of the weights' bytes more
     t = _winograd_tile(x.shape, padding)
     u = winograd.weight_transform(weight, t)                            # (a^2, F, C)
     ut = u.transpose(0, 2, 1)                                           # (a^2, C, F), a view
-    parts = _winograd_pieces(x.shape, f, padding, x.itemsize)
-    du_t = None                                                         # dU^T: (16, C, F)
+    parts = _winograd_pieces(x.shape, f, padding, x.itemsize, t)
+    du_t = None                                                         # dU^T: (a^2, C, F)
     dx = None if len(parts) == 1 else xp.zeros(x.shape, dtype=x.dtype)
     for piece in parts:
         band = _band(x, piece)
