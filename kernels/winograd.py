@@ -176,6 +176,12 @@ def input_transform_backward_reference(dv, x_shape, top, left, tiles_h, tiles_w,
 # -- the four data transforms as Numba kernels: one pass, every core ------------------------------
 # Work is split so that no two threads write the same element: by (image, channel) plane for
 # the transforms that read or write planes, and V / M are written at [k, channel, tile].
+#
+# Their constants are float32: Numba types a bare 4 as int64 and 0.5 as float64, and either
+# times float32 is float64 there, so `4 * d` in a float32 kernel would widen every value to
+# float64 and back (half the vector lanes, plus the conversions: F(4x4) kernels ran up to 1.5x
+# slower so). A float32 constant times float64 data is still exact float64 arithmetic.
+HALF, TWO, FOUR, FIVE, EIGHT = np.float32(0.5), np.float32(2), np.float32(4), np.float32(5), np.float32(8)
 
 if njit is not None:
     @njit(cache=True, inline="always")
@@ -190,6 +196,19 @@ if njit is not None:
             for e in range(count):
                 dst[e] = 0
 
+    # The kernels that write V or dM build each group of a outputs per tile (one row per
+    # transform index k) in a small local buffer, which _put_rows then copies out. Stored
+    # straight into four or six views of V in one loop, the values went where LLVM could not
+    # prove the views apart, so it left that loop scalar: 1.3-3x slower (the input transforms).
+    @njit(cache=True, inline="always")
+    def _put_rows(big, first, ch, base, small):
+        """big[first + q, ch, base:base + T] = small[q] for each row q of small: (rows, T)."""
+        for q in range(small.shape[0]):
+            dst = big[first + q, ch, base:base + small.shape[1]]
+            src = small[q]
+            for j in range(small.shape[1]):
+                dst[j] = src[j]
+
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _input_kernel(x, v, top, left, tiles_h, tiles_w):
         """One tile row at a time: its 4 input rows copied into a zero-padded buffer, B^T down
@@ -203,6 +222,7 @@ if njit is not None:
             ch = task - b * c
             rows = np.zeros((4, width), dtype=x.dtype)
             down = np.empty((4, width), dtype=x.dtype)
+            out = np.empty((4, tiles_w), dtype=x.dtype)
             t0 = b * tiles_h * tiles_w
             for i in range(tiles_h):
                 for a in range(4):
@@ -216,16 +236,13 @@ if njit is not None:
                 base = t0 + i * tiles_w
                 for a in range(4):                           # (B^T d) B, tile by tile
                     src = down[a]
-                    v0 = v[4 * a, ch, base:base + tiles_w]
-                    v1 = v[4 * a + 1, ch, base:base + tiles_w]
-                    v2 = v[4 * a + 2, ch, base:base + tiles_w]
-                    v3 = v[4 * a + 3, ch, base:base + tiles_w]
                     for j in range(tiles_w):
                         d0, d1, d2, d3 = src[2 * j], src[2 * j + 1], src[2 * j + 2], src[2 * j + 3]
-                        v0[j] = d0 - d2
-                        v1[j] = d1 + d2
-                        v2[j] = d2 - d1
-                        v3[j] = d1 - d3
+                        out[0, j] = d0 - d2
+                        out[1, j] = d1 + d2
+                        out[2, j] = d2 - d1
+                        out[3, j] = d1 - d3
+                    _put_rows(v, 4 * a, ch, base, out)
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _output_kernel(m, y, bias, has_bias):
@@ -236,7 +253,7 @@ if njit is not None:
         for task in prange(n * f):
             b = task // f
             ch = task - b * f
-            add = bias[ch] if has_bias else 0
+            add = bias[ch if has_bias else 0]  # bias[0] is the caller's 0 without one
             across = np.empty((4, 2 * tiles_w), dtype=m.dtype)
             t0 = b * tiles_h * tiles_w
             for i in range(tiles_h):
@@ -269,6 +286,7 @@ if njit is not None:
             ch = task - b * f
             rows = np.zeros((2, 2 * tiles_w), dtype=dy.dtype)     # past out_w: stays 0
             down = np.empty((4, 2 * tiles_w), dtype=dy.dtype)
+            out = np.empty((4, tiles_w), dtype=dy.dtype)
             t0 = b * tiles_h * tiles_w
             for i in range(tiles_h):
                 for a in range(2):
@@ -282,16 +300,13 @@ if njit is not None:
                 base = t0 + i * tiles_w
                 for a in range(4):                           # (A g) A^T, tile by tile
                     src = down[a]
-                    m0 = dm[4 * a, ch, base:base + tiles_w]
-                    m1 = dm[4 * a + 1, ch, base:base + tiles_w]
-                    m2 = dm[4 * a + 2, ch, base:base + tiles_w]
-                    m3 = dm[4 * a + 3, ch, base:base + tiles_w]
                     for j in range(tiles_w):
                         r0, r1 = src[2 * j], src[2 * j + 1]
-                        m0[j] = r0
-                        m1[j] = r0 + r1
-                        m2[j] = r0 - r1
-                        m3[j] = -r1
+                        out[0, j] = r0
+                        out[1, j] = r0 + r1
+                        out[2, j] = r0 - r1
+                        out[3, j] = -r1
+                    _put_rows(dm, 4 * a, ch, base, out)
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _input_backward_kernel(dv, dx, top, left, tiles_h, tiles_w):
@@ -350,12 +365,12 @@ if njit is not None:
     @njit(cache=True, inline="always")
     def _g_rows(a, b, c):
         """G applied to one column of three values: four."""
-        return a, 0.5 * (a + b + c), 0.5 * (a - b + c), c
+        return a, HALF * (a + b + c), HALF * (a - b + c), c
 
     @njit(cache=True, inline="always")
     def _gt_rows(d0, d1, d2, d3):
         """G^T applied to one column of four values: three (the transpose of _g_rows)."""
-        return d0 + 0.5 * (d1 + d2), 0.5 * (d1 - d2), 0.5 * (d1 + d2) + d3
+        return d0 + HALF * (d1 + d2), HALF * (d1 - d2), HALF * (d1 + d2) + d3
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _weight_kernel(weight, u):
@@ -410,26 +425,26 @@ if njit is not None:
     @njit(cache=True, inline="always")
     def _bt4(d0, d1, d2, d3, d4, d5):
         """B^T of F(4x4, 3x3) applied to a column of six values."""
-        return (4 * d0 - 5 * d2 + d4, d3 + d4 - 4 * (d1 + d2), 4 * (d1 - d2) - d3 + d4,
-                2 * (d3 - d1) - d2 + d4, 2 * (d1 - d3) - d2 + d4, 4 * d1 - 5 * d3 + d5)
+        return (FOUR * d0 - FIVE * d2 + d4, d3 + d4 - FOUR * (d1 + d2), FOUR * (d1 - d2) - d3 + d4,
+                TWO * (d3 - d1) - d2 + d4, TWO * (d1 - d3) - d2 + d4, FOUR * d1 - FIVE * d3 + d5)
 
     @njit(cache=True, inline="always")
     def _at4(m0, m1, m2, m3, m4, m5):
         """A^T of F(4x4, 3x3) applied to a column of six values: four."""
-        return (m0 + m1 + m2 + m3 + m4, m1 - m2 + 2 * (m3 - m4), m1 + m2 + 4 * (m3 + m4),
-                m1 - m2 + 8 * (m3 - m4) + m5)
+        return (m0 + m1 + m2 + m3 + m4, m1 - m2 + TWO * (m3 - m4), m1 + m2 + FOUR * (m3 + m4),
+                m1 - m2 + EIGHT * (m3 - m4) + m5)
 
     @njit(cache=True, inline="always")
     def _a4(g0, g1, g2, g3):
         """A (the transpose of A^T) applied to a column of four values: six."""
-        return (g0, g0 + g1 + g2 + g3, g0 - g1 + g2 - g3, g0 + 2 * g1 + 4 * g2 + 8 * g3,
-                g0 - 2 * g1 + 4 * g2 - 8 * g3, g3)
+        return (g0, g0 + g1 + g2 + g3, g0 - g1 + g2 - g3, g0 + TWO * g1 + FOUR * g2 + EIGHT * g3,
+                g0 - TWO * g1 + FOUR * g2 - EIGHT * g3, g3)
 
     @njit(cache=True, inline="always")
     def _b4(e0, e1, e2, e3, e4, e5):
         """B (the transpose of B^T) applied to a column of six values."""
-        return (4 * e0, 4 * (e2 - e1 + e5) + 2 * (e4 - e3), -5 * e0 - 4 * (e1 + e2) - e3 - e4,
-                e1 - e2 + 2 * (e3 - e4) - 5 * e5, e0 + e1 + e2 + e3 + e4, e5)
+        return (FOUR * e0, FOUR * (e2 - e1 + e5) + TWO * (e4 - e3), -FIVE * e0 - FOUR * (e1 + e2) - e3 - e4,
+                e1 - e2 + TWO * (e3 - e4) - FIVE * e5, e0 + e1 + e2 + e3 + e4, e5)
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _input_kernel4(x, v, top, left, tiles_h, tiles_w):
@@ -442,6 +457,7 @@ if njit is not None:
             ch = task - b * c
             rows = np.zeros((6, width), dtype=x.dtype)
             down = np.empty((6, width), dtype=x.dtype)
+            out = np.empty((6, tiles_w), dtype=x.dtype)
             t0 = b * tiles_h * tiles_w
             for i in range(tiles_h):
                 for r in range(6):
@@ -452,13 +468,10 @@ if njit is not None:
                 base = t0 + i * tiles_w
                 for a in range(6):                           # (B^T d) B, tile by tile
                     src = down[a]
-                    v0, v1, v2 = v[6 * a, ch, base:base + tiles_w], v[6 * a + 1, ch, base:base + tiles_w], \
-                        v[6 * a + 2, ch, base:base + tiles_w]
-                    v3, v4, v5 = v[6 * a + 3, ch, base:base + tiles_w], v[6 * a + 4, ch, base:base + tiles_w], \
-                        v[6 * a + 5, ch, base:base + tiles_w]
                     for j in range(tiles_w):
-                        v0[j], v1[j], v2[j], v3[j], v4[j], v5[j] = _bt4(src[4 * j], src[4 * j + 1], src[4 * j + 2],
-                                                                        src[4 * j + 3], src[4 * j + 4], src[4 * j + 5])
+                        out[0, j], out[1, j], out[2, j], out[3, j], out[4, j], out[5, j] = _bt4(
+                            src[4 * j], src[4 * j + 1], src[4 * j + 2], src[4 * j + 3], src[4 * j + 4], src[4 * j + 5])
+                    _put_rows(v, 6 * a, ch, base, out)
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _output_kernel4(m, y, bias, has_bias):
@@ -468,7 +481,7 @@ if njit is not None:
         for task in prange(n * f):
             b = task // f
             ch = task - b * f
-            add = bias[ch] if has_bias else 0
+            add = bias[ch if has_bias else 0]  # bias[0] is the caller's 0 without one
             across = np.empty((6, 4 * tiles_w), dtype=m.dtype)
             spare = np.empty(out_w, dtype=m.dtype)               # rows past out_h land here
             t0 = b * tiles_h * tiles_w
@@ -505,6 +518,7 @@ if njit is not None:
             ch = task - b * f
             rows = np.zeros((4, 4 * tiles_w), dtype=dy.dtype)     # past out_w: stays 0
             down = np.empty((6, 4 * tiles_w), dtype=dy.dtype)
+            out = np.empty((6, tiles_w), dtype=dy.dtype)
             t0 = b * tiles_h * tiles_w
             for i in range(tiles_h):
                 for q in range(4):
@@ -515,13 +529,10 @@ if njit is not None:
                 base = t0 + i * tiles_w
                 for a in range(6):                           # (A g) A^T, tile by tile
                     src = down[a]
-                    m0, m1, m2 = dm[6 * a, ch, base:base + tiles_w], dm[6 * a + 1, ch, base:base + tiles_w], \
-                        dm[6 * a + 2, ch, base:base + tiles_w]
-                    m3, m4, m5 = dm[6 * a + 3, ch, base:base + tiles_w], dm[6 * a + 4, ch, base:base + tiles_w], \
-                        dm[6 * a + 5, ch, base:base + tiles_w]
                     for j in range(tiles_w):
-                        m0[j], m1[j], m2[j], m3[j], m4[j], m5[j] = _a4(src[4 * j], src[4 * j + 1], src[4 * j + 2],
-                                                                       src[4 * j + 3])
+                        out[0, j], out[1, j], out[2, j], out[3, j], out[4, j], out[5, j] = _a4(
+                            src[4 * j], src[4 * j + 1], src[4 * j + 2], src[4 * j + 3])
+                    _put_rows(dm, 6 * a, ch, base, out)
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _input_backward_kernel4(dv, dx, top, left, tiles_h, tiles_w):
@@ -564,16 +575,16 @@ if njit is not None:
                     x3, x4, x5 = across[3, left:left + copied], across[4, left:left + copied], across[5, left:left + copied]
                     if r == 0:
                         for e in range(copied):
-                            target[e] += 4 * x0[e]
+                            target[e] += FOUR * x0[e]
                     elif r == 1:
                         for e in range(copied):
-                            target[e] += 4 * (x2[e] - x1[e] + x5[e]) + 2 * (x4[e] - x3[e])
+                            target[e] += FOUR * (x2[e] - x1[e] + x5[e]) + TWO * (x4[e] - x3[e])
                     elif r == 2:
                         for e in range(copied):
-                            target[e] -= 5 * x0[e] + 4 * (x1[e] + x2[e]) + x3[e] + x4[e]
+                            target[e] -= FIVE * x0[e] + FOUR * (x1[e] + x2[e]) + x3[e] + x4[e]
                     elif r == 3:
                         for e in range(copied):
-                            target[e] += x1[e] - x2[e] + 2 * (x3[e] - x4[e]) - 5 * x5[e]
+                            target[e] += x1[e] - x2[e] + TWO * (x3[e] - x4[e]) - FIVE * x5[e]
                     elif r == 4:
                         for e in range(copied):
                             target[e] += x0[e] + x1[e] + x2[e] + x3[e] + x4[e]
