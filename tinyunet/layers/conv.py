@@ -537,7 +537,7 @@ def _backward_winograd(x, weight, dy, padding):
     """(dx, dW) by the transposed steps: dM = A dY A^T, dU = dM V^T, dV = U^T dM, dx = B dV B^T."""
     xp = get_array_module(dy)
     c, f = x.shape[1], weight.shape[0]
-    # U again, not kept from the forward: a few ms with the Numba kernel, where keeping it for
+    # U again, not kept from the forward: one memory-bound product (ms), where keeping it for
     # every layer until its backward would hold 16/9 (2x2 tiles) or 36/9 of the weights' bytes more
     t = _winograd_tile(x.shape, padding)
     u = winograd.weight_transform(weight, t)                            # (a^2, F, C)
