@@ -197,15 +197,36 @@ if njit is not None:
             for e in range(count):
                 dst[e] = 0
 
-    # The kernels that write V or dM build each group of a outputs per tile (one row per
-    # transform index k) in a small local buffer, which _put_rows then copies out. Stored
-    # straight into four or six views of V in one loop, the values went where LLVM could not
-    # prove the views apart, so it left that loop scalar: 1.3-3x slower (the input transforms).
+    # Each task keeps its plane's share of V (or M, dV, dM) in a local array, tiles: (a^2,
+    # tiles_h * tiles_w), copied in or out one whole row of T per k. Read or written a tile row
+    # at a time, straight in V, the a^2 short runs per tile row are as many interleaved streams
+    # through memory: the F(4x4) input backward ran 1.5-2x slower so. The kernels that write
+    # build each group of a outputs per tile in a small buffer (one row per k), which _put_rows
+    # copies into tiles: stored straight into four or six views of one array, the values went
+    # where LLVM could not prove the views apart, and it left that loop scalar (1.3-3x slower).
     @njit(cache=True, inline="always")
-    def _put_rows(big, first, ch, base, small):
-        """big[first + q, ch, base:base + T] = small[q] for each row q of small: (rows, T)."""
+    def _tiles_in(tiles, big, ch, first):
+        """tiles[k] = big[k, ch, first:first + T] for every k; tiles: (a^2, T)."""
+        for k in range(tiles.shape[0]):
+            src = big[k, ch, first:first + tiles.shape[1]]
+            dst = tiles[k]
+            for t in range(tiles.shape[1]):
+                dst[t] = src[t]
+
+    @njit(cache=True, inline="always")
+    def _tiles_out(big, ch, first, tiles):
+        """big[k, ch, first:first + T] = tiles[k] for every k; tiles: (a^2, T)."""
+        for k in range(tiles.shape[0]):
+            src = tiles[k]
+            dst = big[k, ch, first:first + tiles.shape[1]]
+            for t in range(tiles.shape[1]):
+                dst[t] = src[t]
+
+    @njit(cache=True, inline="always")
+    def _put_rows(tiles, first, col, small):
+        """tiles[first + q, col:col + w] = small[q] for each row q of small: (rows, w)."""
         for q in range(small.shape[0]):
-            dst = big[first + q, ch, base:base + small.shape[1]]
+            dst = tiles[first + q, col:col + small.shape[1]]
             src = small[q]
             for j in range(small.shape[1]):
                 dst[j] = src[j]
@@ -225,6 +246,7 @@ if njit is not None:
             down = np.empty((4, width), dtype=x.dtype)
             out = np.empty((4, tiles_w), dtype=x.dtype)
             t0 = b * tiles_h * tiles_w
+            tiles = np.empty((16, tiles_h * tiles_w), dtype=x.dtype)
             for i in range(tiles_h):
                 for a in range(4):
                     _load_row(rows[a, left:left + copied], x[b, ch], 2 * i + a - top, copied)
@@ -234,7 +256,7 @@ if njit is not None:
                     down[1, e] = r1 + r2
                     down[2, e] = r2 - r1
                     down[3, e] = r1 - r3
-                base = t0 + i * tiles_w
+                col = i * tiles_w
                 for a in range(4):                           # (B^T d) B, tile by tile
                     src = down[a]
                     for j in range(tiles_w):
@@ -243,7 +265,8 @@ if njit is not None:
                         out[1, j] = d1 + d2
                         out[2, j] = d2 - d1
                         out[3, j] = d1 - d3
-                    _put_rows(v, 4 * a, ch, base, out)
+                    _put_rows(tiles, 4 * a, col, out)
+            _tiles_out(v, ch, t0, tiles)
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _output_kernel(m, y, bias, has_bias):
@@ -257,13 +280,15 @@ if njit is not None:
             add = bias[ch if has_bias else 0]  # bias[0] is the caller's 0 without one
             across = np.empty((4, 2 * tiles_w), dtype=m.dtype)
             t0 = b * tiles_h * tiles_w
+            tiles = np.empty((16, tiles_h * tiles_w), dtype=m.dtype)
+            _tiles_in(tiles, m, ch, t0)
             for i in range(tiles_h):
-                base = t0 + i * tiles_w
+                col = i * tiles_w
                 for a in range(4):                           # M A, tile by tile
-                    m0 = m[4 * a, ch, base:base + tiles_w]
-                    m1 = m[4 * a + 1, ch, base:base + tiles_w]
-                    m2 = m[4 * a + 2, ch, base:base + tiles_w]
-                    m3 = m[4 * a + 3, ch, base:base + tiles_w]
+                    m0 = tiles[4 * a, col:col + tiles_w]
+                    m1 = tiles[4 * a + 1, col:col + tiles_w]
+                    m2 = tiles[4 * a + 2, col:col + tiles_w]
+                    m3 = tiles[4 * a + 3, col:col + tiles_w]
                     dst = across[a]
                     for j in range(tiles_w):
                         dst[2 * j] = m0[j] + m1[j] + m2[j]
@@ -289,6 +314,7 @@ if njit is not None:
             down = np.empty((4, 2 * tiles_w), dtype=dy.dtype)
             out = np.empty((4, tiles_w), dtype=dy.dtype)
             t0 = b * tiles_h * tiles_w
+            tiles = np.empty((16, tiles_h * tiles_w), dtype=dy.dtype)
             for i in range(tiles_h):
                 for a in range(2):
                     _load_row(rows[a], dy[b, ch], 2 * i + a, out_w)
@@ -298,7 +324,7 @@ if njit is not None:
                     down[1, e] = g0 + g1
                     down[2, e] = g0 - g1
                     down[3, e] = -g1
-                base = t0 + i * tiles_w
+                col = i * tiles_w
                 for a in range(4):                           # (A g) A^T, tile by tile
                     src = down[a]
                     for j in range(tiles_w):
@@ -307,7 +333,8 @@ if njit is not None:
                         out[1, j] = r0 + r1
                         out[2, j] = r0 - r1
                         out[3, j] = -r1
-                    _put_rows(dm, 4 * a, ch, base, out)
+                    _put_rows(tiles, 4 * a, col, out)
+            _tiles_out(dm, ch, t0, tiles)
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _input_backward_kernel(dv, dx, top, left, tiles_h, tiles_w):
@@ -326,13 +353,15 @@ if njit is not None:
                     plane[yy, xx] = 0
             across = np.empty((4, width), dtype=dv.dtype)
             t0 = b * tiles_h * tiles_w
+            tiles = np.empty((16, tiles_h * tiles_w), dtype=dv.dtype)
+            _tiles_in(tiles, dv, ch, t0)
             for i in range(tiles_h):
-                base = t0 + i * tiles_w
+                col = i * tiles_w
                 for a in range(4):                           # dV B^T, overlapping tiles added
-                    v0 = dv[4 * a, ch, base:base + tiles_w]
-                    v1 = dv[4 * a + 1, ch, base:base + tiles_w]
-                    v2 = dv[4 * a + 2, ch, base:base + tiles_w]
-                    v3 = dv[4 * a + 3, ch, base:base + tiles_w]
+                    v0 = tiles[4 * a, col:col + tiles_w]
+                    v1 = tiles[4 * a + 1, col:col + tiles_w]
+                    v2 = tiles[4 * a + 2, col:col + tiles_w]
+                    v3 = tiles[4 * a + 3, col:col + tiles_w]
                     dst = across[a]
                     dst[0] = v0[0]
                     dst[1] = v1[0] - v2[0] + v3[0]
@@ -432,19 +461,21 @@ if njit is not None:
             down = np.empty((6, width), dtype=x.dtype)
             out = np.empty((6, tiles_w), dtype=x.dtype)
             t0 = b * tiles_h * tiles_w
+            tiles = np.empty((36, tiles_h * tiles_w), dtype=x.dtype)
             for i in range(tiles_h):
                 for r in range(6):
                     _load_row(rows[r, left:left + copied], x[b, ch], 4 * i + r - top, copied)
                 for e in range(width):                       # B^T d, every column at once
                     (down[0, e], down[1, e], down[2, e], down[3, e], down[4, e],
                      down[5, e]) = _bt4(rows[0, e], rows[1, e], rows[2, e], rows[3, e], rows[4, e], rows[5, e])
-                base = t0 + i * tiles_w
+                col = i * tiles_w
                 for a in range(6):                           # (B^T d) B, tile by tile
                     src = down[a]
                     for j in range(tiles_w):
                         out[0, j], out[1, j], out[2, j], out[3, j], out[4, j], out[5, j] = _bt4(
                             src[4 * j], src[4 * j + 1], src[4 * j + 2], src[4 * j + 3], src[4 * j + 4], src[4 * j + 5])
-                    _put_rows(v, 6 * a, ch, base, out)
+                    _put_rows(tiles, 6 * a, col, out)
+            _tiles_out(v, ch, t0, tiles)
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _output_kernel4(m, y, bias, has_bias):
@@ -458,13 +489,15 @@ if njit is not None:
             across = np.empty((6, 4 * tiles_w), dtype=m.dtype)
             spare = np.empty(out_w, dtype=m.dtype)               # rows past out_h land here
             t0 = b * tiles_h * tiles_w
+            tiles = np.empty((36, tiles_h * tiles_w), dtype=m.dtype)
+            _tiles_in(tiles, m, ch, t0)
             for i in range(tiles_h):
-                base = t0 + i * tiles_w
+                col = i * tiles_w
                 for a in range(6):                           # M A, tile by tile
-                    m0, m1, m2 = m[6 * a, ch, base:base + tiles_w], m[6 * a + 1, ch, base:base + tiles_w], \
-                        m[6 * a + 2, ch, base:base + tiles_w]
-                    m3, m4, m5 = m[6 * a + 3, ch, base:base + tiles_w], m[6 * a + 4, ch, base:base + tiles_w], \
-                        m[6 * a + 5, ch, base:base + tiles_w]
+                    m0, m1, m2 = tiles[6 * a, col:col + tiles_w], tiles[6 * a + 1, col:col + tiles_w], \
+                        tiles[6 * a + 2, col:col + tiles_w]
+                    m3, m4, m5 = tiles[6 * a + 3, col:col + tiles_w], tiles[6 * a + 4, col:col + tiles_w], \
+                        tiles[6 * a + 5, col:col + tiles_w]
                     dst = across[a]
                     for j in range(tiles_w):
                         dst[4 * j], dst[4 * j + 1], dst[4 * j + 2], dst[4 * j + 3] = _at4(m0[j], m1[j], m2[j], m3[j],
@@ -493,19 +526,21 @@ if njit is not None:
             down = np.empty((6, 4 * tiles_w), dtype=dy.dtype)
             out = np.empty((6, tiles_w), dtype=dy.dtype)
             t0 = b * tiles_h * tiles_w
+            tiles = np.empty((36, tiles_h * tiles_w), dtype=dy.dtype)
             for i in range(tiles_h):
                 for q in range(4):
                     _load_row(rows[q], dy[b, ch], 4 * i + q, out_w)
                 for e in range(4 * tiles_w):                 # A g, every column at once
                     (down[0, e], down[1, e], down[2, e], down[3, e], down[4, e],
                      down[5, e]) = _a4(rows[0, e], rows[1, e], rows[2, e], rows[3, e])
-                base = t0 + i * tiles_w
+                col = i * tiles_w
                 for a in range(6):                           # (A g) A^T, tile by tile
                     src = down[a]
                     for j in range(tiles_w):
                         out[0, j], out[1, j], out[2, j], out[3, j], out[4, j], out[5, j] = _a4(
                             src[4 * j], src[4 * j + 1], src[4 * j + 2], src[4 * j + 3])
-                    _put_rows(dm, 6 * a, ch, base, out)
+                    _put_rows(tiles, 6 * a, col, out)
+            _tiles_out(dm, ch, t0, tiles)
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def _input_backward_kernel4(dv, dx, top, left, tiles_h, tiles_w):
@@ -521,24 +556,28 @@ if njit is not None:
                 for xx in range(w):
                     plane[yy, xx] = 0
             across = np.empty((6, width), dtype=dv.dtype)
+            out = np.zeros((6, tiles_w + 1), dtype=dv.dtype)     # out[4:, 0] stays 0: no tile before
             t0 = b * tiles_h * tiles_w
+            tiles = np.empty((36, tiles_h * tiles_w), dtype=dv.dtype)
+            _tiles_in(tiles, dv, ch, t0)
             for i in range(tiles_h):
-                base = t0 + i * tiles_w
+                col = i * tiles_w
                 for a in range(6):                           # dV B^T, overlapping tiles added
-                    v0, v1, v2 = dv[6 * a, ch, base:base + tiles_w], dv[6 * a + 1, ch, base:base + tiles_w], \
-                        dv[6 * a + 2, ch, base:base + tiles_w]
-                    v3, v4, v5 = dv[6 * a + 3, ch, base:base + tiles_w], dv[6 * a + 4, ch, base:base + tiles_w], \
-                        dv[6 * a + 5, ch, base:base + tiles_w]
+                    v0, v1, v2 = tiles[6 * a, col:col + tiles_w], tiles[6 * a + 1, col:col + tiles_w], \
+                        tiles[6 * a + 2, col:col + tiles_w]
+                    v3, v4, v5 = tiles[6 * a + 3, col:col + tiles_w], tiles[6 * a + 4, col:col + tiles_w], \
+                        tiles[6 * a + 5, col:col + tiles_w]
+                    for j in range(tiles_w):                 # per tile: six columns
+                        out[0, j], out[1, j], out[2, j], out[3, j], out[4, j + 1], out[5, j + 1] = _b4(
+                            v0[j], v1[j], v2[j], v3[j], v4[j], v5[j])
                     dst = across[a]
-                    dst[width - 2] = 0
-                    dst[width - 1] = 0
-                    for j in range(tiles_w):                 # each tile's first four columns
-                        d0, d1, d2, d3, _, _ = _b4(v0[j], v1[j], v2[j], v3[j], v4[j], v5[j])
-                        dst[4 * j], dst[4 * j + 1], dst[4 * j + 2], dst[4 * j + 3] = d0, d1, d2, d3
-                    for j in range(tiles_w):                 # its last two, onto the next tile's first
-                        _, _, _, _, d4, d5 = _b4(v0[j], v1[j], v2[j], v3[j], v4[j], v5[j])
-                        dst[4 * j + 4] += d4
-                        dst[4 * j + 5] += d5
+                    for j in range(tiles_w):                 # tile j's first four + tile j-1's last two
+                        dst[4 * j] = out[0, j] + out[4, j]
+                        dst[4 * j + 1] = out[1, j] + out[5, j]
+                        dst[4 * j + 2] = out[2, j]
+                        dst[4 * j + 3] = out[3, j]
+                    dst[width - 2] = out[4, tiles_w]
+                    dst[width - 1] = out[5, tiles_w]
                 for r in range(6):                           # B (dV B^T), added row by row
                     row = 4 * i + r - top
                     if row < 0 or row >= h:
