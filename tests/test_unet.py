@@ -96,7 +96,7 @@ def test_dropout_placement_and_names():
     assert names[:5] == ["down1.conv1", "down1.relu1", "down1.conv2", "down1.relu2", "down1.pool"]
     # the dropped tensor feeds the pool (and the skip): dropout sits right before down4.pool
     assert names.index("down4.dropout") == names.index("down4.pool") - 1
-    assert names.index("bottom.dropout") == names.index("up4.upsample") - 1
+    assert names.index("bottom.dropout") == names.index("up4.upconv") - 1
     assert [n for n, layer in model.layers.items() if isinstance(layer, Dropout)] == ["down4.dropout", "bottom.dropout"]
     assert names[-3:] == ["head.conv", "head.relu", "head.out"]
     assert "down1.conv1.weight" in model.parameters() and "head.out.bias" in model.parameters()
@@ -299,7 +299,8 @@ def test_summary_table_and_totals():
     # down1.conv2: 2 * 64 * 256 * 256 outputs, each 64 * 3 * 3 multiply-accumulates
     assert f"{2 * 64 * 256 * 256 * 64 * 9:,}" in text
     assert "Training-step memory (estimate)" in text
-    assert len([r for r in text.splitlines() if "(Conv2d)" in r]) == 24
+    assert len([r for r in text.splitlines() if "(Conv2d)" in r]) == 20
+    assert len([r for r in text.splitlines() if "(UpConv2d)" in r]) == 4   # upsample + 2x2 conv
     with pytest.raises(UNetInputError, match="240 or 256"):
         model.summary((1, 250, 256))
 

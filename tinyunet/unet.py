@@ -39,8 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinyunet.backend import device_of, is_array, to_device
-from tinyunet.layers import (CenterCrop2d, Concat, Conv2d, Dropout, MaxPool2d, ReLU, Upsample2d,
-                             sigmoid)
+from tinyunet.layers import CenterCrop2d, Concat, Conv2d, Dropout, MaxPool2d, ReLU, UpConv2d, sigmoid
 from tinyunet.layers.base import LayerInputError
 
 PADDINGS = ("same", "valid")
@@ -207,9 +206,10 @@ class UNet:
         if c.dropout > 0:
             add("bottom.dropout", Dropout(c.dropout, rng=np.random.default_rng(next(dropout_seeds))))
         for i in range(c.depth, 0, -1):                # the expanding path
-            add(f"up{i}.upsample", Upsample2d(2))
-            # 'same' even in the valid network: a 2x2 'valid' conv would lose a pixel
-            conv(f"up{i}.upconv", widths[i], widths[i - 1], 2, padding="same")
+            # nearest 2x upsampling and a 2x2 conv, 'same' even in the valid network (a 2x2
+            # 'valid' conv would lose a pixel), as one layer that never builds the upsampled
+            # tensor (tinyunet/layers/upconv.py: 9 of the 16 multiply-adds per pixel)
+            add(f"up{i}.upconv", UpConv2d(widths[i], widths[i - 1], rng=weight_rng, dtype=dtype))
             add(f"up{i}.uprelu", ReLU())
             if pad == "valid":
                 add(f"up{i}.crop", CenterCrop2d())
@@ -265,8 +265,8 @@ class UNet:
         if "bottom.dropout" in self.layers:
             h = run("bottom.dropout", h)
         for i in range(c.depth, 0, -1):
-            h = run(f"up{i}.upsample", h)                            # (N, 2w, H_i, W_i), w = 64 * 2**(i-1)
-            h = run(f"up{i}.uprelu", run(f"up{i}.upconv", h))        # (N, w, H_i, W_i): halved
+            h = run(f"up{i}.uprelu", run(f"up{i}.upconv", h))        # (N, w, H_i, W_i): upsampled, halved
+                                                                     # (w = 64 * 2**(i-1))
             skip = skips[i]                                          # (N, w, H_i, W_i)
             if c.padding == "valid":                                 # the skip is larger: cut its center
                 skip = run(f"up{i}.crop", skip, h.shape[2:])
@@ -304,8 +304,7 @@ class UNet:
             if c.padding == "valid":
                 dskip = self._back(f"up{i}.crop", dskip)            # zero on the cropped border
             dskips[i] = dskip
-            g = self._back(f"up{i}.upconv", self._back(f"up{i}.uprelu", g))  # (N, 2w, H_i, W_i)
-            g = self._back(f"up{i}.upsample", g)                    # (N, 2w, H_i / 2, W_i / 2)
+            g = self._back(f"up{i}.upconv", self._back(f"up{i}.uprelu", g))  # (N, 2w, H_i / 2, W_i / 2)
         if "bottom.dropout" in self.layers:
             g = self._back("bottom.dropout", g)
         g = self._back("bottom.conv2", self._back("bottom.relu2", g))
@@ -489,7 +488,8 @@ class UNet:
         estimate of the memory a training step (forward, backward, Adam) needs at that size:
 
             parameters + gradients + Adam's m and v      4 * params * itemsize
-            kept for backward                            every conv's input (float), every
+            kept for backward                            every conv's input (float; an
+                                                         up-conv's four shifted copies), every
                                                          ReLU mask (bool), pool argmax (int8),
                                                          dropout mask (float)
             largest conv workspace                       Conv2d.workspace_bytes: the largest
@@ -509,7 +509,7 @@ class UNet:
             if isinstance(layer, Conv2d):
                 kh, kw = layer.kernel_size
                 macs = elements * layer.in_channels * kh * kw
-                kept += int(np.prod(in_shape)) * item
+                kept += layer.kept_bytes(in_shape)
                 workspace = max(workspace, layer.workspace_bytes(in_shape))
             elif isinstance(layer, ReLU) or isinstance(layer, MaxPool2d):
                 kept += elements                                 # bool mask / int8 argmax

@@ -6,7 +6,8 @@ from .conv import Conv2d, conv2d_naive, same_padding
 from .crop import CenterCrop2d
 from .dropout import Dropout
 from .pool import MaxPool2d
+from .upconv import UpConv2d
 from .upsample import Upsample2d
 
 __all__ = ["Layer", "LayerInputError", "Conv2d", "conv2d_naive", "same_padding", "MaxPool2d",
-           "Upsample2d", "CenterCrop2d", "Concat", "Dropout", "ReLU", "Sigmoid", "sigmoid"]
+           "Upsample2d", "UpConv2d", "CenterCrop2d", "Concat", "Dropout", "ReLU", "Sigmoid", "sigmoid"]

@@ -141,6 +141,10 @@ class Conv2d(Layer):
             largest = max(largest, _largest_piece(dy_shape, (kh, kw), flip_pad, (1, 1), itemsize))
         return largest
 
+    def kept_bytes(self, x_shape) -> int:
+        """What forward keeps for backward: x."""
+        return int(np.prod(x_shape)) * np.dtype(self.dtype).itemsize
+
     def backward(self, dy):
         """dy: (N, F, OH, OW) -> dx: (N, C, H, W); fills grads['weight'] and grads['bias']."""
         x = self._x
