@@ -1,5 +1,5 @@
 """Numba CPU kernels for the layers other than the convolution: ReLU, max-pooling, nearest
-upsampling, and Adam's update.
+upsampling, Adam's update, and the data movement of the fused upsampling + 2x2 conv.
 
 Each one computes exactly what the layer's NumPy expression computes (the layer file holds that
 expression and the derivation), in one pass over memory and on every core, where NumPy makes
@@ -136,3 +136,91 @@ if njit is not None:
             m[i] = mi
             v[i] = vi
             p[i] -= alpha * mi / (np.sqrt(vi) + epsilon)
+
+    # UpConv2d's data movement (tinyunet/layers/upconv.py): the column matrix of shifted
+    # copies, the phases into the output and back, and the shifted blocks of dcols into dx.
+    # The matrix products between them stay with BLAS.
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def upconv_columns(x, cols):
+        """x: (N, C, H, W) -> cols: (4, C, N, H, W), blocks [X_01, X_00, X_10, X_11] with
+        X_ab[c, n, i, j] = x[n, c, i + a, j + b], zero past the last row or column."""
+        n, c, h, w = x.shape
+        for task in prange(n * c):
+            b = task // c
+            ch = task - b * c
+            for i in range(h):
+                row = x[b, ch, i]
+                x00, x01 = cols[1, ch, b, i], cols[0, ch, b, i]
+                for j in range(w):
+                    x00[j] = row[j]
+                for j in range(w - 1):
+                    x01[j] = row[j + 1]
+                x01[w - 1] = 0
+                x10, x11 = cols[2, ch, b, i], cols[3, ch, b, i]
+                if i + 1 < h:
+                    below = x[b, ch, i + 1]
+                    for j in range(w):
+                        x10[j] = below[j]
+                    for j in range(w - 1):
+                        x11[j] = below[j + 1]
+                    x11[w - 1] = 0
+                else:
+                    for j in range(w):
+                        x10[j] = 0
+                        x11[j] = 0
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def upconv_interleave(phases, bias, y):
+        """phases: (2, 2, F, N, H, W) -> y: (N, F, 2H, 2W),
+        y[n, f, 2i + a, 2j + b] = phases[a, b, f, n, i, j] + bias[f]."""
+        f, n, h, w = phases.shape[2:]
+        for task in prange(n * f):
+            b = task // f
+            ch = task - b * f
+            add = bias[ch]
+            for i in range(h):
+                for a in range(2):
+                    out = y[b, ch, 2 * i + a]
+                    even, odd = phases[a, 0, ch, b, i], phases[a, 1, ch, b, i]
+                    for j in range(w):
+                        out[2 * j] = even[j] + add
+                        out[2 * j + 1] = odd[j] + add
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def upconv_split(dy, phases):
+        """dy: (N, F, 2H, 2W) -> phases: (2, 2, F, N, H, W), the inverse of upconv_interleave
+        without the bias: phases[a, b, f, n, i, j] = dy[n, f, 2i + a, 2j + b]."""
+        f, n, h, w = phases.shape[2:]
+        for task in prange(n * f):
+            b = task // f
+            ch = task - b * f
+            for i in range(h):
+                for a in range(2):
+                    row = dy[b, ch, 2 * i + a]
+                    even, odd = phases[a, 0, ch, b, i], phases[a, 1, ch, b, i]
+                    for j in range(w):
+                        even[j] = row[2 * j]
+                        odd[j] = row[2 * j + 1]
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def upconv_gather(dcols, dx):
+        """dcols: (4, C, N, H, W), blocks [dX_01, dX_00, dX_10, dX_11] -> dx: (N, C, H, W),
+        dx[i, j] = dX_00[i, j] + dX_01[i, j-1] + dX_10[i-1, j] + dX_11[i-1, j-1] (terms past
+        the edge left out), added in that order, as the NumPy path adds them."""
+        n, c, h, w = dx.shape
+        for task in prange(n * c):
+            b = task // c
+            ch = task - b * c
+            for i in range(h):
+                out = dx[b, ch, i]
+                d00, d01 = dcols[1, ch, b, i], dcols[0, ch, b, i]
+                out[0] = d00[0]
+                for j in range(1, w):
+                    out[j] = d00[j] + d01[j - 1]
+                if i > 0:
+                    d10, d11 = dcols[2, ch, b, i - 1], dcols[3, ch, b, i - 1]
+                    out[0] += d10[0]
+                    for j in range(1, w):
+                        out[j] += d10[j]
+                    for j in range(1, w):
+                        out[j] += d11[j - 1]

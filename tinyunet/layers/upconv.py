@@ -47,13 +47,17 @@ dE = dY @ X^T and dX = E^T @ dY:
 
 The naive reference is the two layers it fuses, Upsample2d then Conv2d(kernel 2, 'same'); the
 tests hold this layer to it, values and gradients (tests/test_upconv.py). Every step is an
-array operation of the array's own module, so NumPy and CuPy take the same path.
+array operation of the array's own module, so NumPy and CuPy take the same path; on NumPy
+arrays the four data movements (cols, the phases into y and back, dcols into dx) run as Numba
+kernels instead (tinyunet/kernels/cpu_layers.py; tests/test_fast_paths.py holds them to this
+path).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from tinyunet.backend import get_array_module
+from tinyunet.kernels import cpu_layers
 
 from .conv import Conv2d
 
@@ -88,12 +92,19 @@ class UpConv2d(Conv2d):
         phases = xp.empty((2, 2, f, n * h * w), dtype=x.dtype)       # Y_ab
         for (a, b), weight, run in zip(PHASES, _phase_weights(self.params["weight"]), _runs(c)):
             xp.matmul(weight, cols[run], out=phases[a, b])
-        y = xp.empty((n, f, h, 2, w, 2), dtype=x.dtype)              # y[n, f, i, a, j, b]
-        y[...] = phases.reshape(2, 2, f, n, h, w).transpose(3, 2, 4, 0, 5, 1)
-        if "bias" in self.params:
-            y += self.params["bias"].reshape(1, f, 1, 1, 1, 1)
+        bias = self.params.get("bias")
+        if cpu_layers.serves(x):
+            y = np.empty((n, f, 2 * h, 2 * w), dtype=x.dtype)
+            cpu_layers.upconv_interleave(phases.reshape(2, 2, f, n, h, w),
+                                         np.zeros(f, x.dtype) if bias is None else bias, y)
+        else:
+            y = xp.empty((n, f, h, 2, w, 2), dtype=x.dtype)          # y[n, f, i, a, j, b]
+            y[...] = phases.reshape(2, 2, f, n, h, w).transpose(3, 2, 4, 0, 5, 1)
+            if bias is not None:
+                y += bias.reshape(1, f, 1, 1, 1, 1)
+            y = y.reshape(n, f, 2 * h, 2 * w)
         self._x, self._cols = x, cols
-        return y.reshape(n, f, 2 * h, 2 * w)
+        return y
 
     def backward(self, dy):
         """dy: (N, F, 2H, 2W) -> dx: (N, C, H, W); fills grads['weight'] and grads['bias']."""
@@ -103,7 +114,10 @@ class UpConv2d(Conv2d):
         n, c, h, w = x.shape
         f = self.out_channels
         dphases = xp.empty((2, 2, f, n, h, w), dtype=dy.dtype)       # dY_ab
-        dphases[...] = dy.reshape(n, f, h, 2, w, 2).transpose(3, 5, 1, 0, 2, 4)
+        if cpu_layers.serves(dy):
+            cpu_layers.upconv_split(dy, dphases)
+        else:
+            dphases[...] = dy.reshape(n, f, h, 2, w, 2).transpose(3, 5, 1, 0, 2, 4)
         dphases = dphases.reshape(2, 2, f, n * h * w)
         weights = _phase_weights(self.params["weight"])
         runs = _runs(c)
@@ -122,6 +136,10 @@ class UpConv2d(Conv2d):
         dcols = xp.matmul(weights[3].T, dphases[1, 1])
         for (a, b), weight, run in list(zip(PHASES, weights, runs))[:3]:
             dcols[run] += xp.matmul(weight.T, dphases[a, b])
+        if cpu_layers.serves(dcols):
+            dx = np.empty(x.shape, dtype=dy.dtype)
+            cpu_layers.upconv_gather(dcols.reshape(4, c, n, h, w), dx)
+            return dx
         d01, d00, d10, d11 = dcols.reshape(4, c, n, h, w)
         dxt = d00                                                    # (C, N, H, W), then the shifts
         dxt[:, :, :, 1:] += d01[:, :, :, :-1]
@@ -154,6 +172,9 @@ def _shifted_columns(x):
     xp = get_array_module(x)
     n, c, h, w = x.shape
     cols = xp.empty((4, c, n, h, w), dtype=x.dtype)
+    if cpu_layers.serves(x):
+        cpu_layers.upconv_columns(x, cols)
+        return cols.reshape(4 * c, n * h * w)
     xt = x.transpose(1, 0, 2, 3)                                     # (C, N, H, W), a view
     cols[1] = xt
     cols[0, ..., :-1] = xt[..., 1:]
