@@ -227,7 +227,7 @@ def main(argv=None):
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
     from tinyunet.layers.conv import METHODS
     parser.add_argument("--conv-method", default="auto", choices=("auto", *METHODS),
-                        help="force one tinyunet conv method for every layer; auto: tinyunet's choice")
+                        help="force one tinyunet conv method for every Conv2d (the fused up-convs, UpConv2d, have one way); auto: tinyunet's choice")
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rounds < 1 or args.batch < 1:

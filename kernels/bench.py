@@ -97,7 +97,7 @@ class Shape:
 def unet_shapes(size: int, batch: int, base_width: int = 64) -> list[Shape]:
     """The distinct conv shapes of the U-Net (default config: base width 64, depth 4) for a
     (batch, 1, size, size) input."""
-    from tinyunet.layers import Conv2d
+    from tinyunet.layers import Conv2d, UpConv2d
     from tinyunet.layers.conv import resolve_padding
     from tinyunet.unet import UNet
     net = UNet(base_width=base_width)
@@ -105,6 +105,9 @@ def unet_shapes(size: int, batch: int, base_width: int = 64) -> list[Shape]:
     for name, layer, in_shape, _ in net.layer_shapes((batch, net.config.in_channels, size, size)):
         if not isinstance(layer, Conv2d):
             continue
+        if isinstance(layer, UpConv2d):   # as the conv it fuses: 2x2 'same' on the upsampled x
+            n, c, h, w = in_shape
+            in_shape = (n, c, 2 * h, 2 * w)
         pad = resolve_padding(layer.padding, layer.kernel_size, layer.stride, in_shape[2:])
         key = (tuple(in_shape), layer.out_channels, layer.kernel_size, pad, layer.stride)
         if key not in shapes:

@@ -420,6 +420,10 @@ def test_bench_writes_table_json_and_chart(tmp_path, capsys):
     assert len(result["rows"]) == len(shapes) * len(bench.OPS) * len(impls)
     assert all(r["ms"] > 0 and 0 < r["peak_share"] for r in result["rows"])
     assert sum(s.count for s in shapes) == 24                 # every conv of the U-Net, once
+    # the up-convs as the 2x2 convs they fuse, on the upsampled input (UpConv2d's own input is
+    # half the size)
+    up = [s for s in shapes if any(name.endswith("upconv") for name in s.layers)]
+    assert {s.x_shape[1:] for s in up} == {(8, 16, 16), (16, 8, 8), (32, 4, 4), (64, 2, 2)}
     saved = json.loads((out / "results.json").read_text())
     assert saved["totals"]["forward+backward"].keys() == set(impls)
     assert (out / "results.png").stat().st_size > 10_000
