@@ -24,6 +24,12 @@ Implementations, each one a kernel implementation (tinyunet.kernels.using) and a
 PyTorch is asked for dx of every layer, the first included (its input requires grad),
 because tinyunet's Conv2d.backward always returns dx: like is compared with like.
 
+The up-convs (the 2x2 convs on upsampled tensors) are listed by the conv on the upsampled
+input, as the Keras model has them. The U-Net computes each as one UpConv2d from the half-size
+input, upsampling included; that is what "numba" ("auto") times for their forward and
+forward+backward (and the "upconv" column of the methods table), while PyTorch is timed on the
+conv alone, its upsampling not counted.
+
 Timing: per case, the implementations take turns: a short rest, one warm-up call, then
 ``--repeats`` timed calls, and the median (see time_side_by_side for why not call by call). Reported:
 ms, GFLOP/s (2 * N*F*C*kh*kw*OH*OW per forward, three times that for forward+backward),
@@ -68,6 +74,10 @@ class Shape:
     stride: tuple
     x_shape: tuple          # (N, C, H, W)
     layers: list = field(default_factory=list)
+    # True for the up-convs: x is the upsampled input of the Keras model's 2x2 conv, and the
+    # U-Net computes upsampling + conv as one UpConv2d from the half-size input. tinyunet's
+    # choice ("auto") is timed as that layer; every other method as the conv on the upsampled x.
+    fused_upsampling: bool = False
 
     @property
     def label(self) -> str:
@@ -105,14 +115,15 @@ def unet_shapes(size: int, batch: int, base_width: int = 64) -> list[Shape]:
     for name, layer, in_shape, _ in net.layer_shapes((batch, net.config.in_channels, size, size)):
         if not isinstance(layer, Conv2d):
             continue
-        if isinstance(layer, UpConv2d):   # as the conv it fuses: 2x2 'same' on the upsampled x
+        fused = isinstance(layer, UpConv2d)
+        if fused:                           # as the conv it fuses: 2x2 'same' on the upsampled x
             n, c, h, w = in_shape
             in_shape = (n, c, 2 * h, 2 * w)
         pad = resolve_padding(layer.padding, layer.kernel_size, layer.stride, in_shape[2:])
         key = (tuple(in_shape), layer.out_channels, layer.kernel_size, pad, layer.stride)
         if key not in shapes:
             shapes[key] = Shape(layer.in_channels, layer.out_channels, layer.kernel_size, pad,
-                                layer.stride, tuple(in_shape))
+                                layer.stride, tuple(in_shape), fused_upsampling=fused)
         shapes[key].layers.append(name)
     return list(shapes.values())
 
@@ -198,18 +209,23 @@ class Case:
     """The arrays and the layer for one shape, and a timed callable per implementation/op."""
 
     def __init__(self, shape: Shape, device: str, seed: int = 0):
-        from tinyunet.layers import Conv2d
+        from tinyunet.layers import Conv2d, UpConv2d
         self.shape = shape
         self.xp = xp = backend.get_array_module(backend.to_device(np.zeros(1), device))
         rng = np.random.default_rng(seed)
         s = shape
         self.x = xp.asarray(rng.standard_normal(s.x_shape, dtype=np.float32))
+        if s.fused_upsampling:              # x is then the upsampling of x_small
+            n, c, h, w = s.x_shape
+            self.x_small = xp.asarray(rng.standard_normal((n, c, h // 2, w // 2), dtype=np.float32))
+            self.x = xp.ascontiguousarray(xp.repeat(xp.repeat(self.x_small, 2, axis=2), 2, axis=3))
         self.dy = xp.asarray(rng.standard_normal(s.y_shape, dtype=np.float32))
         self.cols = xp.asarray(rng.standard_normal(s.cols_shape, dtype=np.float32))
         self.cols_out = xp.empty(s.cols_shape, dtype=np.float32)
         self.x_out = xp.empty(s.x_shape, dtype=np.float32)
         self.layer = Conv2d(s.in_channels, s.out_channels, s.kernel, padding=s.padding, stride=s.stride,
                             seed=seed).to(device)
+        self.fused = UpConv2d(s.in_channels, s.out_channels, seed=seed).to(device) if s.fused_upsampling else None
         self._torch = None
 
     def function(self, impl: Implementation, op: str):
@@ -217,6 +233,13 @@ class Case:
             return self._torch_function(impl, op)
         s, layer = self.shape, self.layer
         args = (s.kernel, s.padding, s.stride)
+        if self.fused is not None and impl.method in ("auto", "upconv") and op in ("forward", "forward+backward"):
+            def fused():                     # what the U-Net runs: upsampling + conv in one layer
+                with kernels.using(impl.kernels):
+                    self.fused.forward(self.x_small)
+                    if op == "forward+backward":
+                        self.fused.backward(self.dy)
+            return fused
 
         def run():
             with kernels.using(impl.kernels), conv_module.using_method(impl.method):
@@ -298,12 +321,15 @@ def run(args) -> dict:
         if methods:
             progress.set_postfix_str(f"{shape.label} methods")
             usable = [m for m in methods if conv_module.method_applies(m, shape.kernel, shape.padding, shape.stride)]
+            if shape.fused_upsampling:
+                usable.append("upconv")
             fns = {m: case.function(Implementation(m, "cpu" if device == "cpu" else "cuda", m, device),
                                     "forward+backward") for m in usable}
             medians = time_side_by_side(fns, args.repeats, sync, args.settle)
             _, _, _, (oh, ow) = normalize(shape.x_shape, shape.kernel, shape.padding, shape.stride)
-            chosen = conv_module.choose_method(shape.in_channels, shape.out_channels, shape.kernel,
-                                               shape.padding, shape.stride, oh * ow, gpu=device == "gpu")
+            chosen = "upconv" if shape.fused_upsampling else conv_module.choose_method(
+                shape.in_channels, shape.out_channels, shape.kernel, shape.padding, shape.stride, oh * ow,
+                gpu=device == "gpu")
             method_rows.append(dict(shape=shape.label, count=shape.count, chosen=chosen,
                                     ms={m: 1e3 * t for m, t in medians.items()}))
             progress.update()
@@ -401,8 +427,10 @@ def table(result: dict) -> str:
     for op, by_impl in result["totals"].items():
         lines.append(f"| {op} | " + " | ".join(f"{by_impl[i]:.0f}" for i in meta["implementations"]) + " |")
     if result["methods"]:
-        names = list(conv_module.METHODS)
-        lines += ["", "Conv methods, forward+backward with the fast kernels (ms; * = tinyunet's choice):", "",
+        names = list(conv_module.METHODS) + ["upconv"]
+        lines += ["", "Conv methods, forward+backward with the fast kernels (ms; * = tinyunet's choice; "
+                  "upconv: the up-conv as the U-Net runs it, UpConv2d from the half-size input, the "
+                  "upsampling included):", "",
                   "| shape (layers) | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         for m in result["methods"]:
             cells = [("" if k not in m["ms"] else f"{m['ms'][k]:.1f}" + (" *" if k == m["chosen"] else ""))

@@ -424,6 +424,9 @@ def test_bench_writes_table_json_and_chart(tmp_path, capsys):
     # half the size)
     up = [s for s in shapes if any(name.endswith("upconv") for name in s.layers)]
     assert {s.x_shape[1:] for s in up} == {(8, 16, 16), (16, 8, 8), (32, 4, 4), (64, 2, 2)}
+    assert all(s.fused_upsampling for s in up) and sum(s.fused_upsampling for s in shapes) == 4
+    fused_rows = [m for m in result["methods"] if m["chosen"] == "upconv"]
+    assert len(fused_rows) == 4 and all(m["ms"]["upconv"] > 0 and "flip" in m["ms"] for m in fused_rows)
     saved = json.loads((out / "results.json").read_text())
     assert saved["totals"]["forward+backward"].keys() == set(impls)
     assert (out / "results.png").stat().st_size > 10_000
