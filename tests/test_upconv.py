@@ -68,7 +68,10 @@ def test_keeps_only_its_columns_until_backward_and_releases_them():
     x = np.ones((1, 3, 4, 5))
     layer.forward(x)
     assert layer._cols.shape == (4 * 3, 1 * 4 * 5)
+    assert layer._x is None                          # x itself is not kept: cols has it all
     assert layer.kept_bytes(x.shape) == layer._cols.nbytes
     layer.backward(np.ones((1, 2, 8, 10)))
     layer.release()
-    assert layer._cols is None and layer._x is None
+    assert layer._cols is None
+    with pytest.raises(RuntimeError, match="before forward"):
+        layer.backward(np.ones((1, 2, 8, 10)))

@@ -65,11 +65,11 @@ from .conv import Conv2d
 class UpConv2d(Conv2d):
     """y = conv2x2_same(upsample2x_nearest(x)) + b, with Conv2d's parameters (weight:
     (F, C, 2, 2), bias: (F,)), initialisation and checks; x: (N, C, H, W) -> y: (N, F, 2H, 2W)."""
-    _saved = ("_x", "_cols")
+    _saved = ("_cols",)          # cols holds all backward needs of x; x itself is not kept
 
     def __init__(self, in_channels: int, out_channels: int, **kwargs):
         super().__init__(in_channels, out_channels, 2, padding="same", **kwargs)
-        self._cols = None
+        self._cols = self._x_shape = None
 
     def output_shape(self, x_shape):
         n, _, h, w = x_shape
@@ -103,15 +103,16 @@ class UpConv2d(Conv2d):
             if bias is not None:
                 y += bias.reshape(1, f, 1, 1, 1, 1)
             y = y.reshape(n, f, 2 * h, 2 * w)
-        self._x, self._cols = x, cols
+        self._cols, self._x_shape = cols, x.shape
         return y
 
     def backward(self, dy):
         """dy: (N, F, 2H, 2W) -> dx: (N, C, H, W); fills grads['weight'] and grads['bias']."""
-        x, cols = self._x, self._cols
-        self._check_grad(dy, None if x is None else self.output_shape(x.shape), x.dtype if x is not None else None)
+        cols = self._cols
+        self._check_grad(dy, None if cols is None else self.output_shape(self._x_shape),
+                         None if cols is None else cols.dtype)
         xp = get_array_module(dy)
-        n, c, h, w = x.shape
+        n, c, h, w = self._x_shape
         f = self.out_channels
         dphases = xp.empty((2, 2, f, n, h, w), dtype=dy.dtype)       # dY_ab
         if cpu_layers.serves(dy):
@@ -137,7 +138,7 @@ class UpConv2d(Conv2d):
         for (a, b), weight, run in list(zip(PHASES, weights, runs))[:3]:
             dcols[run] += xp.matmul(weight.T, dphases[a, b])
         if cpu_layers.serves(dcols):
-            dx = np.empty(x.shape, dtype=dy.dtype)
+            dx = np.empty((n, c, h, w), dtype=dy.dtype)
             cpu_layers.upconv_gather(dcols.reshape(4, c, n, h, w), dx)
             return dx
         d01, d00, d10, d11 = dcols.reshape(4, c, n, h, w)
