@@ -75,3 +75,17 @@ def test_keeps_only_its_columns_until_backward_and_releases_them():
     assert layer._cols is None
     with pytest.raises(RuntimeError, match="before forward"):
         layer.backward(np.ones((1, 2, 8, 10)))
+
+
+def test_bad_input_and_gradient_say_what_was_expected():
+    from tinyunet.layers import LayerInputError
+    layer = UpConv2d(3, 2, seed=0, dtype=np.float64)
+    with pytest.raises(LayerInputError, match="expected 3 channels"):
+        layer.forward(np.ones((1, 4, 2, 2)))
+    with pytest.raises(TypeError, match="input is float32 but the parameters are float64"):
+        layer.forward(np.ones((1, 3, 2, 2), dtype=np.float32))
+    with pytest.raises(LayerInputError, match=r"add the batch axis with x\[None\]"):
+        layer.forward(np.ones((3, 2, 2)))
+    layer.forward(np.ones((1, 3, 2, 2)))
+    with pytest.raises(LayerInputError, match=r"output's shape \(1, 2, 4, 4\)"):
+        layer.backward(np.ones((1, 2, 2, 2)))
