@@ -35,7 +35,10 @@ Timing: per case, the implementations take turns: a short rest, one warm-up call
 ms, GFLOP/s (2 * N*F*C*kh*kw*OH*OW per forward, three times that for forward+backward),
 GB/s for the copy kernels (bytes read + written), the share of this machine's peak measured
 in the same run (a large float32 matrix product for GFLOP/s, a large array copy for GB/s),
-and the time ratios t/t_numpy and t/t_torch (below 1: faster).
+and the time ratios t/t_numpy and t/t_torch (below 1: faster). On the CPU a streaming fill
+(kernels/cpu.py fill_streaming) measures how fast memory can be written at all: the headline
+says how long the 64-channel im2col's output takes to write at that rate, the least time any
+im2col can take, and so the largest speedup over NumPy this machine allows.
 
 A second table, "conv methods", times forward+backward of every shape with the Numba kernels
 under each conv method; tinyunet's "auto" rule (tinyunet/layers/conv.py) was chosen from it.
@@ -199,10 +202,25 @@ def measure_peaks(xp, sync, repeats: int) -> dict:
     c = xp.empty((2048, 4096), dtype=np.float32)
     src = xp.ones(64 * 2**20, dtype=np.float32)           # 256 MiB: far beyond any cache
     dst = xp.empty_like(src)
-    t = time_side_by_side({"matmul": lambda: xp.matmul(a, b, out=c),
-                           "copy": lambda: xp.copyto(dst, src)}, repeats, sync)
-    return {"matmul_gflops": 2 * 2048 * 2048 * 4096 / t["matmul"] / 1e9,
-            "copy_gbps": 2 * src.nbytes / t["copy"] / 1e9}
+    functions = {"matmul": lambda: xp.matmul(a, b, out=c), "copy": lambda: xp.copyto(dst, src)}
+    fill_streaming = _fill_streaming(xp)
+    if fill_streaming is not None:
+        functions["write"] = lambda: fill_streaming(dst, 1.0)
+    t = time_side_by_side(functions, repeats, sync)
+    peaks = {"matmul_gflops": 2 * 2048 * 2048 * 4096 / t["matmul"] / 1e9,
+             "copy_gbps": 2 * src.nbytes / t["copy"] / 1e9}
+    if "write" in t:
+        peaks["write_gbps"] = dst.nbytes / t["write"] / 1e9
+    return peaks
+
+
+def _fill_streaming(xp):
+    """The write roof, on the CPU: a fill with streaming stores (nothing read, no cache line
+    fetched before it is written), the least time in which any kernel can write its output."""
+    if xp is not np or kernels.available()["cpu"] is not None:   # a GPU, or no Numba
+        return None
+    from tinyunet.kernels import cpu
+    return cpu.fill_streaming
 
 
 class Case:
@@ -337,7 +355,7 @@ def run(args) -> dict:
         conv_module.release_workspace()
     progress.close()
     return dict(meta=_meta(args, impls, device), peaks=peaks, rows=rows, methods=method_rows,
-                totals=_totals(rows, shapes, impls), headline=_headline(rows, shapes, impls))
+                totals=_totals(rows, shapes, impls), headline=_headline(rows, shapes, impls, peaks))
 
 
 def _row(shape: Shape, op: str, impl: str, medians: dict, peaks: dict) -> dict:
@@ -366,7 +384,7 @@ def _totals(rows, shapes, impls) -> dict:
     return totals
 
 
-def _headline(rows, shapes, impls) -> dict:
+def _headline(rows, shapes, impls, peaks) -> dict:
     names = [i.name for i in impls]
     baseline = "cupy" if "cupy" in names else "numpy"
     fast = "cuda" if "cuda" in names else "numba"
@@ -378,6 +396,9 @@ def _headline(rows, shapes, impls) -> dict:
             ms = {r["impl"]: r["ms"] for r in rows if r["shape"] == big[0].label and r["op"] == op}
             head[op] = dict(shape=big[0].label, baseline=baseline, fast=fast, baseline_ms=ms[baseline],
                             fast_ms=ms[fast], speedup=ms[baseline] / ms[fast])
+        if "write_gbps" in peaks:      # no im2col can beat writing its output at the roof
+            roof_ms = 1e3 * 4 * np.prod(big[0].cols_shape) / 1e9 / peaks["write_gbps"]
+            head["im2col"].update(roof_ms=float(roof_ms), roof_speedup=float(head["im2col"]["baseline_ms"] / roof_ms))
     return head
 
 
@@ -411,7 +432,8 @@ def table(result: dict) -> str:
     lines = [f"{meta['date']}, {meta['machine']}; batch {meta['batch']}, {meta['size']}x{meta['size']}, "
              f"median of {meta['repeats']} after a warm-up",
              f"peaks measured in this run: float32 matmul {peaks['matmul_gflops']:.0f} GFLOP/s, "
-             f"array copy {peaks['copy_gbps']:.1f} GB/s", "",
+             f"array copy {peaks['copy_gbps']:.1f} GB/s"
+             + (f", streaming write {peaks['write_gbps']:.1f} GB/s" if "write_gbps" in peaks else ""), "",
              "| shape (layers) | op | impl | ms | GFLOP/s | GB/s | % peak | t/t_numpy | t/t_torch |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     base = "vs_cupy" if meta["device"] == "gpu" else "vs_numpy"
@@ -445,6 +467,9 @@ def headline_lines(result: dict) -> list[str]:
     for op, h in result["headline"].items():
         out.append(f"{op} {h['shape']}: {h['fast']} {h['fast_ms']:.1f} ms, {h['baseline']} {h['baseline_ms']:.1f} ms: "
                    f"{h['speedup']:.2f}x faster")
+        if "roof_ms" in h:
+            out.append(f"  (writing its columns at the streaming-write roof takes {h['roof_ms']:.1f} ms: "
+                       f"no {op} can be more than {h['roof_speedup']:.2f}x faster than {h['baseline']} here)")
     totals = result["totals"]["forward+backward"]
     fast = "cuda" if "cuda" in totals else "numba"
     base = "cupy" if "cupy" in totals else "numpy"

@@ -106,6 +106,40 @@ def test_cpu_im2col_equals_reference(g):
     np.testing.assert_array_equal(got, reference.im2col(x, *args(g)))
 
 
+@settings(max_examples=40)
+@given(g=geometries(max_size=40, max_channels=2), offset=st.integers(0, 15))
+def test_cpu_im2col_with_streaming_stores_equals_reference(g, offset):
+    """The streaming-store path (large float32 outputs) on small ones: every output alignment
+    (``offset`` numbers past a 64-byte boundary), rows wider and narrower than a 16-number
+    chunk, chunks across output rows, the image's edges and padding rows; every number of
+    ``out`` written (it starts as NaN)."""
+    x, _ = draw_arrays({**g, "dtype": np.float32})
+    shape = cols_shape(x.shape, *args(g))
+    size = int(np.prod(shape))
+    block = np.full(size + 32, np.nan, dtype=np.float32)
+    start = (-(block.ctypes.data // 4)) % 16 + offset
+    out = block[start:start + size].reshape(shape)
+    assert out.ctypes.data % 64 == 4 * offset
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu, "STREAM_MIN_BYTES", 0)
+        assert cpu.streams(out, normalize(x.shape, *args(g))[2][1]) == (g["stride"] == 1)
+        assert cpu.im2col(x, *args(g), out=out) is out
+    np.testing.assert_array_equal(out, reference.im2col(x, *args(g)))
+
+
+@settings(max_examples=20)
+@given(size=st.integers(0, 200), offset=st.integers(0, 15), value=st.floats(-1e3, 1e3, width=32))
+def test_fill_streaming_sets_every_number(size, offset, value):
+    """The write roof of kernels/bench.py: every alignment, sizes below and above a chunk."""
+    block = np.full(size + 32, np.nan, dtype=np.float32)
+    out = block[offset:offset + size]
+    assert cpu.fill_streaming(out, value) is out
+    np.testing.assert_array_equal(out, np.full(size, value, dtype=np.float32))
+    assert np.isnan(block[:offset]).all() and np.isnan(block[offset + size:]).all()
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        cpu.fill_streaming(np.zeros(4), value)
+
+
 @given(geometries())
 def test_cpu_col2im_equals_reference(g):
     x, y = draw_arrays(g)
@@ -419,6 +453,8 @@ def test_bench_writes_table_json_and_chart(tmp_path, capsys):
     assert impls[:2] == ["numpy", "numba"]
     assert len(result["rows"]) == len(shapes) * len(bench.OPS) * len(impls)
     assert all(r["ms"] > 0 and 0 < r["peak_share"] for r in result["rows"])
+    roof = result["headline"]["im2col"]        # the write roof, measured beside the rest
+    assert result["peaks"]["write_gbps"] > 0 and roof["roof_speedup"] == roof["baseline_ms"] / roof["roof_ms"]
     assert sum(s.count for s in shapes) == 24                 # every conv of the U-Net, once
     # the up-convs as the 2x2 convs they fuse, on the upsampled input (UpConv2d's own input is
     # half the size)
