@@ -21,7 +21,7 @@ How they are fast:
   memory traffic; a streaming store skips that read and does not evict what the cache holds.
   Measured here (64 channels at 256x256, batch 2, 3x3, stride 1, one process): 7.7-8.7 ms
   against 11.2-12.6 ms with ordinary stores, and 7.3-7.4 ms for a streaming fill of the same
-  302 MB (fill_streaming, below: no kernel can write its output faster). Small outputs keep
+  302 MB (write_streaming, below: no kernel can write its output faster). Small outputs keep
   ordinary stores: the matrix product that follows wants them in the cache. (No column
   matrix of a U-Net training step at 128x128 or 256x256 is that large: its 3x3 convs from
   16x16 up use Winograd. Direct calls on large inputs, as in kernels/bench.py, are.)
@@ -212,28 +212,36 @@ def _im2col_stream_kernel(x, cols, kh, kw, top, left, sh, sw, out_h, out_w, head
 
 
 @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
-def _fill_kernel(flat, value, head):
-    chunk = np.full(LANES, value, dtype=np.float32)
-    blocks = (flat.size - head) // LANES
+def _write_kernel(flat, source, size, head):
+    """flat[q] = source[q % size]; source holds size + 16 numbers (its first 16 again at its
+    end), so that the 16 read for a chunk never wrap around."""
+    chunks = (flat.size - head) // LANES
     span = 4096                                 # 256 KB of streaming stores per task
-    for task in prange((blocks + span - 1) // span):
-        for t in range(task * span, min(blocks, (task + 1) * span)):
-            _stream16(flat, head + t * LANES, chunk, 0)
+    for task in prange((chunks + span - 1) // span):
+        for t in range(task * span, min(chunks, (task + 1) * span)):
+            q = head + t * LANES
+            _stream16(flat, q, source, q % size)
         _store_fence()                          # each thread orders its own stores
     for q in range(head):
-        flat[q] = value
-    for q in range(head + blocks * LANES, flat.size):
-        flat[q] = value
+        flat[q] = source[q % size]
+    for q in range(head + chunks * LANES, flat.size):
+        flat[q] = source[q % size]
 
 
-def fill_streaming(out, value):
-    """out[...] = value with streaming stores (float32, C-contiguous): how fast this machine
-    can write memory at all, the roof for im2col's output (kernels/bench.py measures it)."""
+def write_streaming(out, source):
+    """out.flat[q] = source[q % source.size] with streaming stores: how fast this machine can
+    write memory at all, the roof for im2col's output (kernels/bench.py measures it with a
+    random source: some memory systems write constants, zeros above all, faster).
+    out: C-contiguous float32; source: 1-D float32, a multiple of 16 numbers long."""
     if out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"fill_streaming takes a C-contiguous float32 array, got {out.dtype}"
+        raise ValueError(f"write_streaming takes a C-contiguous float32 out, got {out.dtype}"
                          f"{'' if out.flags.c_contiguous else ', not C-contiguous'}")
+    if source.dtype != np.float32 or source.ndim != 1 or source.size == 0 or source.size % LANES:
+        raise ValueError(f"write_streaming's source must be 1-D float32 with a multiple of {LANES} "
+                         f"numbers, got {source.dtype} of shape {source.shape}")
     flat = out.reshape(-1)
-    _fill_kernel(flat, np.float32(value), min((-(out.ctypes.data // 4)) % LANES, flat.size))
+    wrapped = np.concatenate([source, source[:LANES]])
+    _write_kernel(flat, wrapped, source.size, min((-(out.ctypes.data // 4)) % LANES, flat.size))
     return out
 
 

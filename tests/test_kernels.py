@@ -128,16 +128,20 @@ def test_cpu_im2col_with_streaming_stores_equals_reference(g, offset):
 
 
 @settings(max_examples=20)
-@given(size=st.integers(0, 200), offset=st.integers(0, 15), value=st.floats(-1e3, 1e3, width=32))
-def test_fill_streaming_sets_every_number(size, offset, value):
-    """The write roof of kernels/bench.py: every alignment, sizes below and above a chunk."""
+@given(size=st.integers(0, 200), offset=st.integers(0, 15), chunks=st.integers(1, 3), seed=st.integers(0, 99))
+def test_write_streaming_sets_every_number(size, offset, chunks, seed):
+    """The write roof of kernels/bench.py: every alignment, sizes below and above a chunk,
+    sources of one to three chunks repeated."""
+    source = np.random.default_rng(seed).standard_normal(16 * chunks).astype(np.float32)
     block = np.full(size + 32, np.nan, dtype=np.float32)
     out = block[offset:offset + size]
-    assert cpu.fill_streaming(out, value) is out
-    np.testing.assert_array_equal(out, np.full(size, value, dtype=np.float32))
+    assert cpu.write_streaming(out, source) is out
+    np.testing.assert_array_equal(out, np.resize(source, size))
     assert np.isnan(block[:offset]).all() and np.isnan(block[offset + size:]).all()
-    with pytest.raises(ValueError, match="C-contiguous float32"):
-        cpu.fill_streaming(np.zeros(4), value)
+    with pytest.raises(ValueError, match="C-contiguous float32 out"):
+        cpu.write_streaming(np.zeros(4), source)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu.write_streaming(out, source[:10])
 
 
 @given(geometries())
