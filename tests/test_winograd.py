@@ -166,11 +166,11 @@ def test_the_winograd_method_on_the_reference_transforms(workspace, tile, monkey
 
 
 def test_the_tile_follows_the_image_size():
-    """F(4x4, 3x3) from WINOGRAD_TILE4_MIN_PIXELS output pixels (the U-Net's levels from 64x64),
+    """F(4x4, 3x3) from WINOGRAD_TILE4_MIN_PIXELS output pixels (the U-Net's levels from 32x32),
     F(2x2, 3x3) below, where its 36 transformed weight copies would cost more than they save."""
     same = ((1, 1), (1, 1))
-    assert conv._winograd_tile((2, 64, 64, 64), same) == 4
     assert conv._winograd_tile((2, 64, 256, 256), same) == 4
-    assert conv._winograd_tile((2, 512, 32, 32), same) == 2
-    assert conv._winograd_tile((2, 64, 66, 66), ((0, 0), (0, 0))) == 4        # 64x64 out, valid
-    assert conv._winograd_tile((2, 64, 65, 65), ((0, 0), (0, 0))) == 2        # 63x63 out
+    assert conv._winograd_tile((2, 512, 32, 32), same) == 4
+    assert conv._winograd_tile((2, 512, 16, 16), same) == 2
+    assert conv._winograd_tile((2, 64, 34, 34), ((0, 0), (0, 0))) == 4        # 32x32 out, valid
+    assert conv._winograd_tile((2, 64, 33, 33), ((0, 0), (0, 0))) == 2        # 31x31 out

@@ -206,12 +206,15 @@ WINOGRAD_MIN_PIXELS = 16 * 16       # ... and output pixels: below, its 16 trans
                                     # the weights cost more than the products save (a 128x128
                                     # step with the 8x8 layers too: 786-810 ms against 677-748 ms
                                     # without; with the 16x16 layers: 677-748 against 738-788 ms)
-WINOGRAD_TILE4_MIN_PIXELS = 64 * 64 # F(4x4, 3x3) from this many output pixels, F(2x2, 3x3) below:
+WINOGRAD_TILE4_MIN_PIXELS = 32 * 32 # F(4x4, 3x3) from this many output pixels, F(2x2, 3x3) below:
                                     # its 36 transformed copies of the weights cost more than they
-                                    # save on the small deep layers (steps, alternating processes:
-                                    # 128x128 641-665 ms against 671-709 with F(2x2) everywhere and
-                                    # 772-780 with F(4x4) everywhere; 256x256 2073-2101 against
-                                    # 2266-2281 ms)
+                                    # save on the 16x16 layers (512->512 forward+backward 29.8 ms
+                                    # against 26.7 with F(2x2)); at 32x32 it takes 0.72-0.86x the
+                                    # time (1024->512 115.7 against 159.2 ms), at 64x64 0.70-0.73x.
+                                    # Steps, alternating processes: 256x256 2095/1952/2173/2154
+                                    # -> 1982/1849/1945/2090 ms with it from 32x32 instead of 64x64
+                                    # (peak RSS 1.45 GB both), 128x128 within the noise
+                                    # (718/695/681/609/618/648 -> 693/650/610/624/605/666 ms)
 WINOGRAD_TILE = 0                   # 2 or 4 forces that tile everywhere (tests); 0: by size
 SMALL_IMAGE_PIXELS = 1024           # dW from one product over the whole batch up to 32x32
 _method = "auto"                    # set by use_method / using_method
