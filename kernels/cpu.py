@@ -233,9 +233,10 @@ def write_streaming(out, source):
     write memory at all, the roof for im2col's output (kernels/bench.py measures it with a
     random source: some memory systems write constants, zeros above all, faster).
     out: C-contiguous float32; source: 1-D float32, a multiple of 16 numbers long."""
-    if out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"write_streaming takes a C-contiguous float32 out, got {out.dtype}"
-                         f"{'' if out.flags.c_contiguous else ', not C-contiguous'}")
+    if out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.aligned:
+        raise ValueError(f"write_streaming takes a C-contiguous, aligned float32 out, got {out.dtype}"
+                         f"{'' if out.flags.c_contiguous else ', not C-contiguous'}"
+                         f"{'' if out.flags.aligned else ', not on a 4-byte boundary'}")
     if source.dtype != np.float32 or source.ndim != 1 or source.size == 0 or source.size % LANES:
         raise ValueError(f"write_streaming's source must be 1-D float32 with a multiple of {LANES} "
                          f"numbers, got {source.dtype} of shape {source.shape}")
@@ -301,8 +302,9 @@ def im2col(x, kernel, padding, stride, out=None):
 
 def streams(out, stride_w) -> bool:
     """Whether im2col writes ``out`` with streaming stores: float32, at least STREAM_MIN_BYTES,
-    stride 1 along the width (other strides gather every chunk number by number)."""
-    return out.dtype == np.float32 and out.nbytes >= STREAM_MIN_BYTES and stride_w == 1
+    stride 1 along the width (other strides gather every chunk number by number), and aligned."""
+    return (out.dtype == np.float32 and out.nbytes >= STREAM_MIN_BYTES and stride_w == 1
+            and out.flags.aligned)       # a float32 off a 4-byte boundary never meets a 64-byte one
 
 
 def col2im(cols, x_shape, kernel, padding, stride, out=None):

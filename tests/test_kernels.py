@@ -127,6 +127,16 @@ def test_cpu_im2col_with_streaming_stores_equals_reference(g, offset):
     np.testing.assert_array_equal(out, reference.im2col(x, *args(g)))
 
 
+def test_im2col_into_a_misaligned_out_takes_ordinary_stores(monkeypatch):
+    """A float32 buffer off a 4-byte boundary (a view into bytes) can never be streamed into."""
+    monkeypatch.setattr(cpu, "STREAM_MIN_BYTES", 0)
+    x = np.random.default_rng(0).standard_normal((1, 2, 20, 20)).astype(np.float32)
+    shape = cols_shape(x.shape, 3, 1, 1)
+    out = np.zeros(4 * int(np.prod(shape)) + 1, dtype=np.uint8)[1:].view(np.float32).reshape(shape)
+    assert not out.flags.aligned and not cpu.streams(out, 1)
+    np.testing.assert_array_equal(cpu.im2col(x, 3, 1, 1, out=out), reference.im2col(x, 3, 1, 1))
+
+
 @settings(max_examples=20)
 @given(size=st.integers(0, 200), offset=st.integers(0, 15), chunks=st.integers(1, 3), seed=st.integers(0, 99))
 def test_write_streaming_sets_every_number(size, offset, chunks, seed):
@@ -138,8 +148,11 @@ def test_write_streaming_sets_every_number(size, offset, chunks, seed):
     assert cpu.write_streaming(out, source) is out
     np.testing.assert_array_equal(out, np.resize(source, size))
     assert np.isnan(block[:offset]).all() and np.isnan(block[offset + size:]).all()
-    with pytest.raises(ValueError, match="C-contiguous float32 out"):
+    with pytest.raises(ValueError, match="C-contiguous, aligned float32 out"):
         cpu.write_streaming(np.zeros(4), source)
+    misaligned = np.zeros(4 * 33, dtype=np.uint8)[1:129].view(np.float32)
+    with pytest.raises(ValueError, match="not on a 4-byte boundary"):
+        cpu.write_streaming(misaligned, source)
     with pytest.raises(ValueError, match="multiple of 16"):
         cpu.write_streaming(out, source[:10])
 
@@ -376,10 +389,10 @@ def test_workspace_bytes():
     from tinyunet.layers import Conv2d
     from tinyunet.layers import conv
     assert Conv2d(1, 64, 3).workspace_bytes((2, 1, 16, 16)) == 2 * 9 * 16 * 16 * 4          # im2col
-    # Winograd, 64 -> 64 at 32x32, batch 2: F(2x2, 3x3), 2 * 16 * 16 tiles, 16 numbers per tile
-    # and channel; at 64x64 F(4x4, 3x3): 2 * 16 * 16 tiles, 36 numbers
-    assert Conv2d(64, 64, 3).workspace_bytes((2, 64, 32, 32)) == 2 * 16 * 16 * 16 * 128 * 4
-    assert Conv2d(64, 64, 3).workspace_bytes((2, 64, 64, 64)) == 2 * 16 * 16 * 36 * 128 * 4
+    # Winograd, 64 -> 64 at 16x16, batch 2: F(2x2, 3x3), 2 * 8 * 8 tiles, 16 numbers per tile
+    # and channel; at 32x32 F(4x4, 3x3): 2 * 8 * 8 tiles, 36 numbers
+    assert Conv2d(64, 64, 3).workspace_bytes((2, 64, 16, 16)) == 2 * 8 * 8 * 16 * 128 * 4
+    assert Conv2d(64, 64, 3).workspace_bytes((2, 64, 32, 32)) == 2 * 8 * 8 * 36 * 128 * 4
     with conv.using_method("im2col"):                                                     # too big: bands
         banded = Conv2d(128, 64, 3).workspace_bytes((2, 128, 256, 256))
     row = 128 * 9 * 256 * 4
