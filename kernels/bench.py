@@ -35,10 +35,11 @@ Timing: per case, the implementations take turns: a short rest, one warm-up call
 ms, GFLOP/s (2 * N*F*C*kh*kw*OH*OW per forward, three times that for forward+backward),
 GB/s for the copy kernels (bytes read + written), the share of this machine's peak measured
 in the same run (a large float32 matrix product for GFLOP/s, a large array copy for GB/s),
-and the time ratios t/t_numpy and t/t_torch (below 1: faster). On the CPU a streaming fill
-(kernels/cpu.py write_streaming, from a random 64 KB source) measures how fast memory can be written at all: the headline
-says how long the 64-channel im2col's output takes to write at that rate, the least time any
-im2col can take, and so the largest speedup over NumPy this machine allows.
+and the time ratios t/t_numpy and t/t_torch (below 1: faster). On the CPU a streaming write
+(kernels/cpu.py write_streaming, from a random 64 KB source) measures how fast memory can be
+written at all: the headline says how long the 64-channel im2col's output takes to write at
+that rate, the least time any im2col can take, and so the largest speedup over NumPy that
+this machine allows in this run.
 
 A second table, "conv methods", times forward+backward of every shape with the Numba kernels
 under each conv method; tinyunet's "auto" rule (tinyunet/layers/conv.py) was chosen from it.
