@@ -228,11 +228,18 @@ def _write_kernel(flat, source, size, head):
         flat[q] = source[q % size]
 
 
+def _numbers_before_boundary(array) -> int:
+    """How many float32 numbers of ``array`` (aligned to 4 bytes) come before its first
+    64-byte boundary: the head that the streaming kernels write with ordinary stores."""
+    return (-(array.ctypes.data // array.itemsize)) % LANES
+
+
 def write_streaming(out, source):
     """out.flat[q] = source[q % source.size] with streaming stores: how fast this machine can
     write memory at all, the roof for im2col's output (kernels/bench.py measures it with a
     random source: some memory systems write constants, zeros above all, faster).
-    out: C-contiguous float32; source: 1-D float32, a multiple of 16 numbers long."""
+    out: C-contiguous float32; source: 1-D float32, a multiple of 16 numbers long.
+    Test: tests/test_kernels.py::test_write_streaming_sets_every_number."""
     if out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.aligned:
         raise ValueError(f"write_streaming takes a C-contiguous, aligned float32 out, got {out.dtype}"
                          f"{'' if out.flags.c_contiguous else ', not C-contiguous'}"
@@ -242,7 +249,7 @@ def write_streaming(out, source):
                          f"numbers, got {source.dtype} of shape {source.shape}")
     flat = out.reshape(-1)
     wrapped = np.concatenate([source, source[:LANES]])
-    _write_kernel(flat, wrapped, source.size, min((-(out.ctypes.data // 4)) % LANES, flat.size))
+    _write_kernel(flat, wrapped, source.size, min(_numbers_before_boundary(out), flat.size))
     return out
 
 
@@ -293,7 +300,7 @@ def im2col(x, kernel, padding, stride, out=None):
     shape = (n, c * kh * kw, oh * ow)
     out = np.empty(shape, dtype=x.dtype) if out is None else check_out(out, shape, x.dtype, np.ndarray)
     if streams(out, sw):
-        head0 = (-(out.ctypes.data // out.itemsize)) % LANES   # numbers before a 64-byte boundary
+        head0 = _numbers_before_boundary(out)
         _im2col_stream_kernel(x, out, kh, kw, top, left, sh, sw, oh, ow, head0)
     else:
         _im2col_kernel(x, out, kh, kw, top, left, sh, sw, oh, ow)
@@ -302,7 +309,9 @@ def im2col(x, kernel, padding, stride, out=None):
 
 def streams(out, stride_w) -> bool:
     """Whether im2col writes ``out`` with streaming stores: float32, at least STREAM_MIN_BYTES,
-    stride 1 along the width (other strides gather every chunk number by number), and aligned."""
+    stride 1 along the width (other strides gather every chunk number by number), and aligned.
+    Tests: tests/test_kernels.py::test_cpu_im2col_with_streaming_stores_equals_reference and
+    ::test_im2col_into_a_misaligned_out_takes_ordinary_stores."""
     return (out.dtype == np.float32 and out.nbytes >= STREAM_MIN_BYTES and stride_w == 1
             and out.flags.aligned)       # a float32 off a 4-byte boundary never meets a 64-byte one
 
