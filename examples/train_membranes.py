@@ -4,6 +4,7 @@
     python examples/train_membranes.py --data ../shared/data/isbi2012/train --val 20-23 --minutes 10
     python examples/train_membranes.py --data isbi2012           # download + verify the ISBI 2012 slices
     python examples/train_membranes.py --out runs/membranes --resume
+    mpiexec -n 2 python examples/train_membranes.py --batch 1     # 2 processes, data-parallel (".[mpi]")
 
 Everything lands in the run folder (--out): checkpoint.npz, metrics.json, curves.png,
 montage.png, predictions/ and report.txt. Ctrl-C saves a checkpoint; --resume continues.
@@ -15,10 +16,14 @@ import sys
 
 
 def set_threads(argv) -> None:
-    """--threads must reach the environment before NumPy and Numba load their thread pools."""
+    """--threads must reach the environment before NumPy and Numba load their thread pools.
+    Under mpiexec the default is this host's cores divided among its ranks."""
+    from tinyunet.distributed import launched_size, threads_per_rank   # imports neither NumPy nor MPI
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--threads", type=int, default=None)
     threads = early.parse_known_args(argv)[0].threads
+    if threads is None and launched_size() > 1:
+        threads = threads_per_rank()
     if threads:
         for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
             os.environ[name] = str(threads)
@@ -48,7 +53,8 @@ def build_parser(d):
     add("--tta", action="store_true", help="average the 8 flips/rotations when predicting")
     add("--seed", type=int, default=d.seed)
     add("--device", default=d.device, choices=["cpu", "gpu"])
-    add("--threads", type=int, default=None, help="CPU threads for BLAS and Numba (default: all cores)")
+    add("--threads", type=int, default=None, help="CPU threads for BLAS and Numba (default: all cores; under "
+        "mpiexec: the cores divided among the ranks on each host)")
     add("--base-width", type=int, default=d.base_width, help="channels of the first level (64: the exact U-Net)")
     add("--depth", type=int, default=d.depth)
     add("--no-head-relu", action="store_true", help="remove the ReLU before the sigmoid (the exact Keras "
@@ -62,6 +68,7 @@ def build_parser(d):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     set_threads(argv)
+    from tinyunet import distributed
     from tinyunet.backend import DeviceError
     from tinyunet.train import TrainOptions, train
     args = build_parser(TrainOptions()).parse_args(argv)
@@ -73,11 +80,25 @@ def main(argv=None) -> int:
         tta=args.tta, seed=args.seed, device=args.device, base_width=args.base_width, depth=args.depth,
         head_relu=not args.no_head_relu, synthetic_count=args.synthetic_count, resume=args.resume,
         progress=not args.no_progress)
+    comm = None
     try:
-        train(options)
+        comm = distributed.world()        # None in one process: then nothing of MPI is imported
+        train(options, comm=comm)
+    except distributed.DistributedError as error:         # raised on every rank together
+        if comm is None or comm.is_root:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
     except (ValueError, OSError, DeviceError) as error:   # bad input: the message says what to do
+        if comm is not None:              # raised on this rank only, maybe: stop them all, naming it
+            comm.abort(error)
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:            # a bug, on one rank maybe: its traceback, then stop them all
+        if comm is not None:
+            import traceback
+            traceback.print_exc()
+            comm.abort(error)
+        raise
     return 0
 
 

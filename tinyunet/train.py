@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tinyunet import checkpoint as checkpoints
+from tinyunet import distributed
 from tinyunet.augment import Augmenter
 from tinyunet.backend import check_device_name, require_gpu, to_device, to_numpy
 from tinyunet.files import atomic_write
@@ -194,11 +195,19 @@ class CollapseWatch:
 # --------------------------------------------------------------------------- the training run
 
 class Trainer:
-    """Holds the model, optimizer, data and run folder of one training run."""
+    """Holds the model, optimizer, data and run folder of one training run.
 
-    def __init__(self, options: TrainOptions, dataset: Dataset | None = None, log=print):
+    comm: a tinyunet.distributed.Communicator to train data-parallel on its P ranks (each
+    draws ``batch`` samples, the gradients are averaged; rank 0 alone evaluates, logs and
+    writes), or None: one process, and nothing of distributed.py runs.
+    """
+
+    def __init__(self, options: TrainOptions, dataset: Dataset | None = None, log=print, comm=None):
         self.options = o = options
-        self.log = log
+        self.comm = comm
+        self.writes = comm is None or comm.is_root          # rank 0 alone writes and talks
+        self.log = log if self.writes else (lambda message: None)
+        log = self.log
         check_device_name(o.device)
         if o.device == "gpu":
             require_gpu()
@@ -214,14 +223,20 @@ class Trainer:
                 dataset = dataset.split(range(ISBI_TRAINING_SLICES))
                 self.log(f"isbi2012: training and validating on slices 0-{ISBI_TRAINING_SLICES - 1} only")
         self.train_set, self.val_set = split_data(dataset, o.val)
+        if comm is not None:                                    # before anything is written
+            comm.check_same({**asdict(o), "training data": distributed.fingerprint(
+                self.train_set.images + self.train_set.targets)}, "options or training data")
         self.run_dir = Path(o.out)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.writes:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_path = self.run_dir / "checkpoint.npz"
 
         self.model = UNet(UNetConfig(base_width=o.base_width, depth=o.depth, head_relu=o.head_relu,
                                      seed=o.seed)).to(o.device)
         self.optimizer = Adam(self.model.parameters(), lr=o.lr)   # after .to(): it holds the arrays
         self.batch_rng = np.random.default_rng([o.seed, 1])
+        if comm is not None:                                    # each rank its own samples and dropout
+            self.batch_rng = distributed.seed_rank_streams(o.seed, comm.rank, self.model)
         self.augment = Augmenter(o.augment) if o.augment != "none" else None
         self.step = 0
         self.history: list[dict] = []
@@ -229,14 +244,21 @@ class Trainer:
         self.train_seconds = 0.0
         if o.resume:
             self._resume()
+        if comm is not None:                                    # one model: the same weights everywhere
+            comm.check_same({"step": self.step, "weights": distributed.fingerprint(self.model.parameters().values())},
+                            "starting weights (a checkpoint that differs between ranks?)")
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self) -> None:
+        extra = {"history": self.history, "options": asdict(self.options), "train_seconds": self.train_seconds}
+        if self.comm is not None:                      # every rank's generators, gathered to rank 0
+            extra["ranks"] = self.comm.gather(distributed.rank_states(self.batch_rng, self.model))
+        if not self.writes:
+            return
         checkpoints.save_checkpoint(
             self.checkpoint_path, self.model, self.optimizer, step=self.step,
             rngs={"batches": self.batch_rng},          # the model's dropout generators go in too
-            extra={"history": self.history, "options": asdict(self.options),
-                   "train_seconds": self.train_seconds})
+            extra=extra)
 
     def _resume(self) -> None:
         if not self.checkpoint_path.exists():
@@ -247,22 +269,35 @@ class Trainer:
         self.step = loaded.step
         self.history = loaded.extra.get("history", [])
         self.train_seconds = loaded.extra.get("train_seconds", 0.0)
+        if self.comm is not None or loaded.extra.get("ranks"):
+            distributed.restore_rank_streams(loaded.extra.get("ranks"), *((self.comm.rank, self.comm.size)
+                                             if self.comm else (0, 1)), self.options.seed, self.step,
+                                             self.batch_rng, self.model, self.log)
         self.log(f"resumed from {self.checkpoint_path} at step {self.step}")
 
     # -- one step -----------------------------------------------------------------------------
     def train_step(self) -> float:
         o = self.options
-        images, targets = random_crops(self.train_set, o.crop, o.batch, self.batch_rng, self.augment)
-        weights = None
-        if o.border_weights:
-            weights = np.stack([border_weight_map(t[0])[None] for t in targets])
-            weights = to_device(weights, o.device)
-        x, t = to_device(images, o.device), to_device(targets, o.device)
-        logits = self.model.forward(x)
-        loss, dlogits = bce_with_logits(logits, t, weights)
-        self.model.backward(dlogits)
+        failure = None
+        try:
+            images, targets = random_crops(self.train_set, o.crop, o.batch, self.batch_rng, self.augment)
+            weights = None
+            if o.border_weights:
+                weights = np.stack([border_weight_map(t[0])[None] for t in targets])
+                weights = to_device(weights, o.device)
+            x, t = to_device(images, o.device), to_device(targets, o.device)
+            logits = self.model.forward(x)
+            loss, dlogits = bce_with_logits(logits, t, weights)
+            self.model.backward(dlogits)
+        except Exception as error:            # under MPI the other ranks must hear of it, not wait
+            if self.comm is None:
+                raise
+            failure, loss = error, math.nan
+        grads = self.model.gradients()
+        if self.comm is not None:             # the mean over ranks, or every rank raises naming the failed one
+            grads, loss = self.comm.average_gradients(grads, loss, failure, self.step + 1)
         self.optimizer.lr = learning_rate(o, self.progress())
-        self.optimizer.step(self.model.gradients())
+        self.optimizer.step(grads)
         self.step += 1
         return loss
 
@@ -301,13 +336,15 @@ class Trainer:
         budget = o.minutes * 60.0
         losses: list[float] = []
         interrupted = False
-        bar = tqdm(total=o.steps, initial=self.step, desc="training", unit="step", disable=not o.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=o.steps, initial=self.step, desc="training", unit="step",
+                   disable=not (o.progress and self.writes), dynamic_ncols=True)
         try:
             while self.step < o.steps and self.train_seconds < budget:
                 started = time.perf_counter()
                 loss = self.train_step()
                 self.train_seconds += time.perf_counter() - started
+                if self.comm is not None:     # rank 0's clock: every rank stops after the same step
+                    self.train_seconds = self.comm.root_value(self.train_seconds)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"the loss became {loss} at step {self.step}: lower --lr")
                 losses.append(loss)
@@ -317,18 +354,22 @@ class Trainer:
                                    dice=f"{self.history[-1]['dice']:.3f}")
                 bar.set_postfix(postfix)
                 bar.update(1)
-                if self.step % o.eval_every == 0:
+                if self.step % o.eval_every == 0 and self.writes:    # once, on rank 0
                     self._record(losses[-o.eval_every:])
                 if self.step % o.checkpoint_every == 0:
                     self.save()
         except KeyboardInterrupt:
+            if self.comm is not None:         # mpiexec interrupts every rank: --resume from the last checkpoint
+                raise
             interrupted = True
             self.log(f"\ninterrupted at step {self.step}: saving a checkpoint (continue with --resume)")
         finally:
             bar.close()
-        if not self.history or self.history[-1]["step"] != self.step:
+        if self.writes and (not self.history or self.history[-1]["step"] != self.step):
             self._record(losses[-o.eval_every:])
         self.save()
+        if not self.writes:
+            return {"step": self.step, "rank": self.comm.rank, "interrupted": False}
         result = self.finish()
         result["interrupted"] = interrupted
         return result
@@ -360,6 +401,7 @@ class Trainer:
         return {"step": self.step, "scores": scores, "table": table}
 
 
-def train(options: TrainOptions, dataset: Dataset | None = None, log=print) -> dict:
-    """Run training with ``options``; returns the final scores (see Trainer.finish)."""
-    return Trainer(options, dataset, log).fit()
+def train(options: TrainOptions, dataset: Dataset | None = None, log=print, comm=None) -> dict:
+    """Run training with ``options`` (on comm's ranks when given); returns the final scores
+    (see Trainer.finish; ranks other than 0 return only the step)."""
+    return Trainer(options, dataset, log, comm).fit()
