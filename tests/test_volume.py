@@ -1,0 +1,162 @@
+"""Block-wise prediction of volumes (tinyunet/volume.py) against whole-slice prediction."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("dask")
+pytest.importorskip("zarr")
+
+import zarr  # noqa: E402
+
+from tinyunet import volume as volumes  # noqa: E402
+from tinyunet.checkpoint import save_checkpoint  # noqa: E402
+from tinyunet.data import synthetic_membranes  # noqa: E402
+from tinyunet.infer import predict_probability  # noqa: E402
+from tinyunet.unet import UNet  # noqa: E402
+
+CHUNK = 32
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return UNet(base_width=4, depth=2, dropout=0.0, seed=2).eval()
+
+
+@pytest.fixture(scope="module")
+def stack():
+    """(3, 70, 90) uint8: neither side a multiple of the 32-pixel chunk (70 = 2 x 32 + 6, whose
+    6 joins the block before; 90 = 2 x 32 + 26)."""
+    images = synthetic_membranes(3, size=96, seed=4).images
+    return np.stack([np.round(image[:70, 3:93] * 255) for image in images]).astype(np.uint8)
+
+
+def whole_slices(model, stack, margin):
+    return np.stack([predict_probability(model, s.astype(np.float32) / 255, margin=margin) for s in stack])
+
+
+def test_receptive_field_is_what_the_network_reads():
+    """A change at input pixel c moves exactly the outputs p with c in [p - left, p + right]."""
+    model = UNet(base_width=2, depth=2, dropout=0.0, head_relu=False, dtype="float64", seed=1).eval()
+    left, right = volumes.receptive_field(2)
+    assert (left, right) == (24, 27) and volumes.receptive_field(4) == (108, 123)
+    rng = np.random.default_rng(0)
+    base = rng.random((1, 1, 8, 160)) + 0.5
+    reached_left = reached_right = 0
+    for c in range(76, 84):                                    # every phase of the pooling grid, twice
+        changed = base.copy()
+        changed[0, 0, :, c] += 1.0
+        moved = np.flatnonzero(np.abs(model.forward(changed) - model.forward(base))[0, 0].max(axis=0) > 0)
+        assert c - right <= moved.min() and moved.max() <= c + left, (c, moved.min(), moved.max())
+        reached_left, reached_right = max(reached_left, moved.max() - c), max(reached_right, c - moved.min())
+    assert (reached_left, reached_right) == (left, right)      # the bound is reached: no smaller halo is exact
+    assert volumes.halo_for(model.config) == 28 and volumes.halo_for(UNet(base_width=1).config) == 128
+
+
+def test_blocks_equal_the_whole_slice_prediction(tmp_path, tiny, stack):
+    halo = volumes.halo_for(tiny.config)
+    result = volumes.predict_volume(tiny, stack, str(tmp_path / "p.zarr"), chunk=CHUNK, progress=False,
+                                    mask_output=str(tmp_path / "m.zarr"), threshold=0.5)
+    assert result == {"blocks": 3 * 2 * 2, "predicted": 12, "skipped": 0, "halo": 28}
+    blocks = zarr.open_array(str(tmp_path / "p.zarr"), mode="r")[:]
+    expected = whole_slices(tiny, stack, margin=halo)
+    assert blocks.dtype == np.float32 and blocks.shape == stack.shape
+    np.testing.assert_allclose(blocks, expected, rtol=0, atol=2e-6)
+    masks = zarr.open_array(str(tmp_path / "m.zarr"), mode="r")[:]
+    np.testing.assert_array_equal(masks, (blocks >= 0.5).astype(np.uint8))
+
+
+def test_a_halo_smaller_than_the_receptive_field_leaves_seams(tmp_path, tiny, stack):
+    """halo 20 < 27: a pixel p of block [s, e) reads p - 24 .. p + 27 but has real context on
+    s - 20 .. e + 19 only: pixels with p < s + 4 or p > e - 8 see zeros (or a too short mirror at
+    the border) where the whole slice has pixels; the pixels in between are still exact."""
+    left, right = volumes.receptive_field(2)
+    halo = 20
+    volumes.predict_volume(tiny, stack, str(tmp_path / "small.zarr"), chunk=CHUNK, halo=halo, progress=False)
+    error = np.abs(zarr.open_array(str(tmp_path / "small.zarr"), mode="r")[:] - whole_slices(tiny, stack, 28))
+    exact = np.zeros(stack.shape[1:], bool)
+    rows = [(0, 32), (32, 70)]                                   # the blocks: 6 rows joined the second
+    columns = [(0, 32), (32, 64), (64, 90)]
+    for s, e in rows:
+        for c, d in columns:
+            exact[s + left - halo:e - right + halo, c + left - halo:d - right + halo] = True
+    assert error[:, exact].max() <= 2e-6
+    assert error[:, ~exact].max() > 1e-3
+    assert error[:, 31:33, :].max() > 1e-3                      # across the seam between rows 31 and 32
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path, tiny, stack, monkeypatch):
+    straight = tmp_path / "straight.zarr"
+    volumes.predict_volume(tiny, stack, str(straight), chunk=CHUNK, progress=False)
+    written, original = [], volumes.write_block
+
+    def crash_after_three(*args):
+        if len(written) == 3:
+            raise KeyboardInterrupt("the machine went down")
+        written.append(args[1])
+        return original(*args)
+
+    monkeypatch.setattr(volumes, "write_block", crash_after_three)
+    resumed = tmp_path / "resumed.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        volumes.predict_volume(tiny, stack, str(resumed), chunk=CHUNK, progress=False)
+    monkeypatch.setattr(volumes, "write_block", original)
+    result = volumes.predict_volume(tiny, stack, str(resumed), chunk=CHUNK, progress=False)
+    assert result["skipped"] == 3 and result["predicted"] == 9
+    np.testing.assert_array_equal(zarr.open_array(str(resumed), mode="r")[:], zarr.open_array(str(straight), mode="r")[:])
+    assert volumes.predict_volume(tiny, stack, str(resumed), chunk=CHUNK, progress=False)["predicted"] == 0
+
+
+def test_a_local_cluster_of_two_workers_and_a_tiff_stack(tmp_path, tiny, stack):
+    distributed = pytest.importorskip("distributed")
+    tifffile = pytest.importorskip("tifffile")
+    checkpoint = tmp_path / "tiny.npz"
+    save_checkpoint(checkpoint, tiny)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None) as cluster:
+        result = volumes.predict_volume(str(checkpoint), str(tmp_path / "stack.tif"), str(tmp_path / "p.zarr"),
+                                        chunk=CHUNK, address=cluster.scheduler_address, progress=False,
+                                        converted=str(tmp_path / "stack.zarr"))
+    assert result["predicted"] == 12
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "stack.zarr"), mode="r")[:], stack)
+    expected = whole_slices(tiny, stack, margin=28)
+    np.testing.assert_allclose(zarr.open_array(str(tmp_path / "p.zarr"), mode="r")[:], expected, rtol=0, atol=2e-6)
+
+
+def test_bad_options_are_refused_before_anything_is_written(tmp_path, tiny, stack, monkeypatch):
+    out = tmp_path / "p.zarr"
+    for options, message in (({"chunk": 30}, "multiples of 2\\*\\*depth"), ({"chunk": 16}, "smaller than the halo"),
+                             ({"threshold": 1.0}, "threshold")):
+        with pytest.raises(volumes.VolumeError, match=message):
+            volumes.predict_volume(tiny, stack, str(out), progress=False, **options)
+    with pytest.raises(volumes.VolumeError, match="checkpoint path"):
+        volumes.predict_volume(tiny, stack, str(out), chunk=CHUNK, address="tcp://127.0.0.1:1", progress=False)
+    assert not out.exists()
+    zarr.create_array(store=str(out), shape=(1, 5, 5), chunks=(1, 5, 5), dtype=np.float32)
+    with pytest.raises(volumes.VolumeError, match="already holds"):
+        volumes.predict_volume(tiny, stack, str(out), chunk=CHUNK, progress=False)
+    monkeypatch.setitem(sys.modules, "dask", None)
+    with pytest.raises(volumes.VolumeError, match=r'pip install -e "\.\[scale\]"'):
+        volumes.predict_volume(tiny, stack, str(out), chunk=CHUNK, progress=False)
+
+
+def test_the_command_line_writes_then_completes_a_zarr_volume(tmp_path, tiny, stack, capsys):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "predict_volume", Path(__file__).resolve().parent.parent / "examples" / "predict_volume.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    save_checkpoint(tmp_path / "tiny.npz", tiny)
+    zarr.create_array(store=str(tmp_path / "in.zarr"), shape=stack.shape, chunks=(1, 64, 64), dtype=np.uint8)[:] = stack
+    arguments = [str(tmp_path / "tiny.npz"), str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"), "--chunk", "32",
+                 "--no-progress"]
+    assert example.main(arguments) == 0
+    assert "12 blocks predicted, 0 already there (halo 28 pixels)" in capsys.readouterr().out
+    assert example.main(arguments) == 0
+    assert "0 blocks predicted, 12 already there" in capsys.readouterr().out
+    assert example.main(arguments[:3] + ["--chunk", "30"]) == 2
+    assert "multiples of 2**depth" in capsys.readouterr().err
