@@ -171,6 +171,28 @@ def test_a_rank_that_fails_outside_a_step_stops_every_rank_naming_itself(tmp_pat
     assert "error on rank 1 of 2" in result.stdout and "missing" in result.stdout, result.stdout
 
 
+def test_resuming_on_another_number_of_ranks_says_what_continues():
+    """No MPI needed: rank states saved by 2 ranks, restored on 1 and on 3."""
+    from tinyunet import distributed
+    from tinyunet.unet import UNet
+    model = UNet(base_width=2, depth=2, seed=0)
+    saved = []
+    for rank in range(2):
+        rng = distributed.seed_rank_streams(7, rank, model)
+        rng.random(5)                                              # the streams moved on
+        saved.append(distributed.rank_states(rng, model))
+    lines = []
+    rng = np.random.default_rng(0)
+    distributed.restore_rank_streams(saved, 1, 3, 7, 40, rng, model, lines.append)
+    assert rng.bit_generator.state == saved[1]["batches"] and lines == []     # only rank 0 talks
+    distributed.restore_rank_streams(saved, 2, 3, 7, 40, rng, model, lines.append)
+    fresh = distributed.seed_rank_streams(7, 2, UNet(base_width=2, depth=2, seed=0), step=40)
+    assert rng.bit_generator.state == fresh.bit_generator.state                # a new rank: a new stream
+    distributed.restore_rank_streams(saved, 0, 1, 7, 40, rng, model, lines.append)
+    assert rng.bit_generator.state == saved[0]["batches"]
+    assert "written by 2 rank(s) on 1" in lines[0] and "not the run 2 rank(s) would have continued" in lines[0]
+
+
 def test_mpiexec_without_mpi4py_is_one_clear_line(monkeypatch):
     from tinyunet import distributed
     monkeypatch.setenv("PMI_SIZE", "2")

@@ -19,6 +19,10 @@ end; ``resume=True`` continues from it bit-identically), metrics.json, curves.pn
 validation predictions (probability, mask, overlay) and montage.png (image, truth,
 prediction, overlay side by side). Proof: tests/test_train.py (a tiny run end to end,
 resume, collapse detection).
+
+Under mpiexec (Trainer's ``comm``, tinyunet/distributed.py) every rank runs this loop on its own
+batches, the gradients are averaged right after the backward, and rank 0 alone evaluates and
+writes; proof: tests/test_distributed.py.
 """
 from __future__ import annotations
 
@@ -269,9 +273,9 @@ class Trainer:
         self.step = loaded.step
         self.history = loaded.extra.get("history", [])
         self.train_seconds = loaded.extra.get("train_seconds", 0.0)
-        if self.comm is not None or loaded.extra.get("ranks"):
-            distributed.restore_rank_streams(loaded.extra.get("ranks"), *((self.comm.rank, self.comm.size)
-                                             if self.comm else (0, 1)), self.options.seed, self.step,
+        if self.comm is not None or loaded.extra.get("ranks"):    # written by, or resumed on, several ranks
+            rank, size = (self.comm.rank, self.comm.size) if self.comm is not None else (0, 1)
+            distributed.restore_rank_streams(loaded.extra.get("ranks"), rank, size, self.options.seed, self.step,
                                              self.batch_rng, self.model, self.log)
         self.log(f"resumed from {self.checkpoint_path} at step {self.step}")
 
