@@ -39,7 +39,8 @@ image border see zero padding past the mirrored margin, so it matches this modul
 given margin=H.)
 
 Memory is bounded by the block, not the volume: one haloed block of (chunk + 2H)^2 pixels and
-its forward pass per worker; nothing else of the volume is held. Resumable: an output chunk
+its forward pass per worker, which keeps no layer's saved tensors (forward_keeping_nothing);
+nothing else of the volume is held. Resumable: an output chunk
 holding no NaN (the fill value) was written (Zarr writes a chunk to a temporary file and
 renames it), so a second run predicts only the blocks that are missing. Runs on Dask's local
 threaded scheduler by default, on a dask.distributed cluster when given its address (then
@@ -150,6 +151,21 @@ class ModelSource:
         return ("tinyunet-model", self.checkpoint or id(self._model), self.device)
 
 
+def forward_keeping_nothing(model, x):
+    """model.forward(x), but each layer drops what it kept for a backward (which prediction
+    never runs) as soon as it has run: the peak is then the live activations (the skips and
+    the layer at work), not every layer's saved input at once."""
+    model._check_input(x)
+
+    def run(name, *inputs):
+        layer = model.layers[name]
+        output = layer.forward(*inputs)
+        layer.release()
+        return output
+
+    return model._graph(x, run)
+
+
 def predict_block(block, source: ModelSource, grid: int) -> np.ndarray:
     """Membrane probabilities (float32) of a haloed block (z, y, x), the block's shape."""
     from tinyunet.backend import to_device, to_numpy
@@ -164,7 +180,7 @@ def predict_block(block, source: ModelSource, grid: int) -> np.ndarray:
     out = np.empty((z, h, w), np.float32)
     with source.lock:
         for i in range(z):                            # one slice at a time: memory of one forward
-            logits = model.forward(to_device(x[i:i + 1], model.device))
+            logits = forward_keeping_nothing(model, to_device(x[i:i + 1], model.device))
             out[i] = to_numpy(sigmoid(logits))[0, 0, :h, :w]
     return out
 
