@@ -30,8 +30,11 @@ here. The cost: one copy of the gradients (124 MB of memory, about 30 ms per ste
 Failures. A rank that fails during a step (bad data, an exception in forward or backward)
 still joins the step's first collective, a small allgather of (error or None, loss): every
 rank sees who failed and raises RankFailedError naming that rank and its error, instead of
-waiting for ever in the Allreduce. Errors elsewhere (a full disk on rank 0) go through
-``abort_on_error``: the message names the rank, then MPI_Abort stops every process.
+waiting for ever in the Allreduce. An error elsewhere (a full disk on rank 0, data missing on
+one node) leaves the other ranks waiting in their next collective: whoever catches it calls
+``Communicator.abort``, which prints it with the rank's number and stops every process
+(MPI_Abort); examples/train_membranes.py does so for every error but the DistributedErrors,
+which every rank raises together.
 Proof: tests/test_distributed.py (2 ranks on loopback: same weights as one process with the
 doubled batch, rank 0 alone writes, identical resume, mismatched configurations, a failing
 rank, MPI missing).
