@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tinyunet.formats.errors import FormatError, MissingExtraError
+from tinyunet.formats.common import FormatError, MissingExtraError
 
 __all__ = ["FormatError", "MissingExtraError", "load_model", "detect_format"]
 

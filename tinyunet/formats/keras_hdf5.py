@@ -44,16 +44,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tinyunet.formats.errors import FormatError, require
+from tinyunet.backend import to_numpy
+from tinyunet.formats.common import FormatError, atomic_target, require
 from tinyunet.formats.graph import walk
 from tinyunet.layers import Concat, Conv2d, Dropout, MaxPool2d, ReLU, UpConv2d
 from tinyunet.unet import UNet, UNetConfig
@@ -519,41 +518,28 @@ def save_keras(path, model: UNet) -> Path:
     h5py = _h5py()
     path = Path(path)
     expected = expected_convs(model)            # also refuses a network without a Keras counterpart
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise FileNotFoundError(f"save_keras: the folder {str(directory)!r} does not exist; create it first")
-    params = {k: np.asarray(v.get() if hasattr(v, "get") else v) for k, v in model.parameters().items()}
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        with h5py.File(temporary, "w") as f:
-            if path.name.endswith(".weights.h5"):
-                layers = f.create_group("layers")
-                for k, conv in enumerate(expected):
-                    group = layers.create_group("conv2d" if k == 0 else f"conv2d_{k}").create_group("vars")
-                    group.attrs["name"] = "conv2d" if k == 0 else f"conv2d_{k}"
-                    group.create_dataset("0", data=params[f"{conv['name']}.weight"].transpose(2, 3, 1, 0))
-                    if f"{conv['name']}.bias" in params:
-                        group.create_dataset("1", data=params[f"{conv['name']}.bias"])
-            else:
-                names = [conv["name"].replace(".", "_") for conv in expected]
-                f.attrs["layer_names"] = np.array([n.encode("utf8") for n in names])
-                f.attrs["backend"] = b"tinyunet"
-                f.attrs["keras_version"] = b"2.15.0"      # the layout's version: Keras 2's save_weights
-                for name, conv in zip(names, expected):
-                    group = f.create_group(name)
-                    weight_names = [f"{name}/kernel:0"]
-                    inner = group.create_group(name)
-                    inner.create_dataset("kernel:0", data=params[f"{conv['name']}.weight"].transpose(2, 3, 1, 0))
-                    if f"{conv['name']}.bias" in params:
-                        inner.create_dataset("bias:0", data=params[f"{conv['name']}.bias"])
-                        weight_names.append(f"{name}/bias:0")
-                    group.attrs["weight_names"] = np.array([w.encode("utf8") for w in weight_names])
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
+    params = {k: to_numpy(v) for k, v in model.parameters().items()}
+    with atomic_target(path, "save_keras") as temporary, h5py.File(temporary, "w") as f:
+        if path.name.endswith(".weights.h5"):
+            layers = f.create_group("layers")
+            for k, conv in enumerate(expected):
+                group = layers.create_group("conv2d" if k == 0 else f"conv2d_{k}").create_group("vars")
+                group.attrs["name"] = "conv2d" if k == 0 else f"conv2d_{k}"
+                group.create_dataset("0", data=params[f"{conv['name']}.weight"].transpose(2, 3, 1, 0))
+                if f"{conv['name']}.bias" in params:
+                    group.create_dataset("1", data=params[f"{conv['name']}.bias"])
+        else:
+            names = [conv["name"].replace(".", "_") for conv in expected]
+            f.attrs["layer_names"] = np.array([n.encode("utf8") for n in names])
+            f.attrs["backend"] = b"tinyunet"
+            f.attrs["keras_version"] = b"2.15.0"      # the layout's version: Keras 2's save_weights
+            for name, conv in zip(names, expected):
+                group = f.create_group(name)
+                weight_names = [f"{name}/kernel:0"]
+                inner = group.create_group(name)
+                inner.create_dataset("kernel:0", data=params[f"{conv['name']}.weight"].transpose(2, 3, 1, 0))
+                if f"{conv['name']}.bias" in params:
+                    inner.create_dataset("bias:0", data=params[f"{conv['name']}.bias"])
+                    weight_names.append(f"{name}/bias:0")
+                group.attrs["weight_names"] = np.array([w.encode("utf8") for w in weight_names])
     return path
