@@ -35,7 +35,8 @@ def read_inputs(paths):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("checkpoint", help="a checkpoint.npz written by train_membranes.py")
+    parser.add_argument("checkpoint", help="a checkpoint.npz written by train_membranes.py, or a Keras "
+                        "unet_membrane.hdf5 (.h5, .keras) or .safetensors file")
     parser.add_argument("inputs", nargs="+", help="folders, TIFF stacks or image files")
     parser.add_argument("--out", default="predictions", help="output folder")
     parser.add_argument("--threshold", type=float, default=0.5, help="membrane probability threshold")
@@ -48,10 +49,10 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from tinyunet.backend import DeviceError
-    from tinyunet.checkpoint import load_checkpoint
+    from tinyunet.formats import load_model
     from tinyunet.infer import predict_probability, save_prediction
     try:
-        model = load_checkpoint(args.checkpoint).model.to(args.device).eval()
+        model = load_model(args.checkpoint).to(args.device).eval()     # .npz, Keras HDF5 or safetensors
         items = read_inputs(args.inputs)
         for name, image in tqdm(items, desc="predicting", unit="image"):
             probability = predict_probability(model, image, tile=args.tile, margin=args.margin, tta=args.tta)

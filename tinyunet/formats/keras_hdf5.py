@@ -215,6 +215,8 @@ def read_keras_weights(path) -> KerasWeights:
             if "model_config" in f.attrs:
                 text = f.attrs["model_config"]
                 model_config = json.loads(text.decode("utf8") if isinstance(text, bytes) else text)
+            if model_config is not None:
+                _known_layers(model_config, path)     # another architecture: say so before reading weights
             if "model_weights" in f and "layer_names" not in f.attrs:
                 layout = layout or "model"
                 convs = _legacy_layers(f["model_weights"], path)
@@ -278,21 +280,29 @@ def _inbound_names(layer: dict) -> list[str]:
     return names
 
 
-def _attach_graph(weights: KerasWeights, model_config: dict) -> None:
-    """Order the convs by the graph and give each its config and input expression."""
-    config = model_config.get("config", model_config)
+def _known_layers(model_config: dict, path: str) -> list[dict]:
+    """The config's layer list, every layer of a kind the U-Net has (else: another architecture)."""
+    config = model_config.get("config", model_config) if isinstance(model_config, dict) else None
     layers = config.get("layers") if isinstance(config, dict) else None
     if not isinstance(layers, list):
-        raise KerasFileError(f"{weights.path!r}: the model config has no layer list (class "
-                             f"{model_config.get('class_name')!r}); tinyunet reads Functional models")
-    by_name = {}
+        kind = model_config.get("class_name") if isinstance(model_config, dict) else type(model_config).__name__
+        raise KerasFileError(f"{path!r}: the model config has no layer list (class {kind!r}); tinyunet reads "
+                             f"Functional models")
     for layer in layers:
         kind = layer.get("class_name")
-        name = layer.get("name") or layer.get("config", {}).get("name")
         if kind not in _KNOWN:
-            raise KerasFileError(f"{weights.path!r}: layer {name!r} is a {kind}; tinyunet's U-Net has only "
+            name = layer.get("name") or layer.get("config", {}).get("name")
+            raise KerasFileError(f"{path!r}: layer {name!r} is a {kind}; tinyunet's U-Net has only "
                                  f"{', '.join(_KNOWN)}: this file is another architecture")
-        by_name[name] = (kind, layer.get("config", {}), _inbound_names(layer))
+    return layers
+
+
+def _attach_graph(weights: KerasWeights, model_config: dict) -> None:
+    """Order the convs by the graph and give each its config and input expression."""
+    by_name = {}
+    for layer in _known_layers(model_config, weights.path):
+        name = layer.get("name") or layer.get("config", {}).get("name")
+        by_name[name] = (layer.get("class_name"), layer.get("config", {}), _inbound_names(layer))
     conv_names = [name for name, (kind, _, _) in by_name.items() if kind == "Conv2D"]
     if len(conv_names) != len(weights.convs):
         raise KerasFileError(f"{weights.path!r}: the graph has {len(conv_names)} Conv2D layers but the weights "
@@ -514,6 +524,9 @@ def save_keras(path, model: UNet) -> Path:
 
     '.weights.h5': Keras 3's layout (layers/conv2d_k/vars/0 and 1); any other name: the legacy
     layout Keras 2's save_weights writes (read by Keras 2 and 3 alike, by layer order).
+    A '.weights.h5' file holds no optimizer state, and Keras 3.15 refuses to load it into a
+    compiled model (its optimizer has variables from compile() on): load it before compile(),
+    or write the legacy layout (any other name), which Keras loads into any model.
     """
     h5py = _h5py()
     path = Path(path)
