@@ -208,6 +208,46 @@ def test_model_save_hdf5_and_weights_files(small_keras, tmp_path):
         assert_same(small_keras, load_model(path))
 
 
+def as_keras2_file(path):
+    """Rewrite a Keras 3 legacy .h5 file as Keras 2 writes it: datasets 'kernel:0', 'bias:0',
+    and the graph's inbound nodes as [[[name, node, tensor, kwargs], ...]] lists."""
+    import json
+
+    import h5py
+    with h5py.File(path, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+
+        def histories(value):
+            if isinstance(value, dict):
+                if "keras_history" in value.get("config", {}):
+                    return [list(value["config"]["keras_history"]) + [{}]]
+                return [h for item in value.values() for h in histories(item)]
+            if isinstance(value, list):
+                return [h for item in value for h in histories(item)]
+            return []
+        for layer in config["config"]["layers"]:
+            layer["inbound_nodes"] = [histories(node["args"]) for node in layer["inbound_nodes"]]
+        f.attrs["model_config"] = json.dumps(config)
+        f.attrs["keras_version"] = "2.15.0"
+        group = f["model_weights"]
+        for name in group:
+            names = [n.decode() if isinstance(n, bytes) else n for n in group[name].attrs["weight_names"]]
+            for weight in names:
+                group[name].move(weight, weight + ":0")
+            group[name].attrs["weight_names"] = np.array([(w + ":0").encode() for w in names])
+
+
+def test_keras2_model_file(small_keras, tmp_path):
+    """The layout Keras 2's ModelCheckpoint wrote (zhixuhao's own unet_membrane.hdf5)."""
+    path = tmp_path / "unet_membrane.hdf5"
+    small_keras.save(str(path))
+    as_keras2_file(path)
+    weights = read_keras_weights(path)
+    assert weights.layout == "model" and weights.has_graph
+    assert weights.convs[0].source == ("input",) and weights.convs[-4].source[0] == "concat"
+    assert_same(small_keras, load_model(path))
+
+
 def test_renamed_and_reordered_layers_still_map(tmp_path):
     """Layers renamed (names sorting in another order than the graph) and created in reverse
     order: the graph decides, not the names."""

@@ -57,15 +57,12 @@ from tinyunet.formats.graph import walk
 from tinyunet.layers import Concat, Conv2d, Dropout, MaxPool2d, ReLU, UpConv2d
 from tinyunet.unet import UNet, UNetConfig
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
 class KerasFileError(FormatError):
     """The file is not a Keras HDF5 file of this U-Net, or it does not fit the model."""
 
 
 def _h5py():
-    return require("h5py", "keras", "to read and write Keras HDF5 files")
+    return require("h5py", "keras", "reading and writing Keras HDF5 files")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,21 +87,6 @@ class KerasWeights:
                                             # weights-only), 'keras3-weights', 'keras3-zip'
     convs: list
     has_graph: bool
-
-
-def is_keras_file(path) -> bool:
-    """True for an HDF5 file (the signature at byte 0) or a .keras zip (model.weights.h5 inside)."""
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-    if head == HDF5_SIGNATURE:
-        return True
-    if head[:4] == b"PK\x03\x04":
-        try:
-            with zipfile.ZipFile(path) as archive:
-                return "model.weights.h5" in archive.namelist()
-        except zipfile.BadZipFile:
-            return False
-    return False
 
 
 def _text_list(group, name) -> list[str]:
@@ -461,7 +443,7 @@ def keras_to_parameters(weights: KerasWeights, model: UNet) -> dict:
                 # concat[up, skip]: the kernel's input channels come in the other order
                 first = kernel.shape[2] // 2
                 kernel = np.concatenate([kernel[:, :, first:], kernel[:, :, :first]], axis=2)
-            _check_conv_config(conv, want, where, last=position == len(expected) - 1, model=model)
+            _check_conv_config(conv, want, where, last=position == len(expected) - 1)
         weight = params[f"{want['name']}.weight"]
         f, c, kh, kw = weight.shape
         if kernel.shape != (kh, kw, c, f):
@@ -479,7 +461,8 @@ def keras_to_parameters(weights: KerasWeights, model: UNet) -> dict:
     return values
 
 
-def _check_conv_config(conv: KerasConv, want: dict, where: str, last: bool, model: UNet) -> None:
+def _check_conv_config(conv: KerasConv, want: dict, where: str, last: bool) -> None:
+    """The conv's Keras config against tinyunet's layer: strides, dilation, padding, activation."""
     cfg = conv.config
     for key, good in (("strides", (1, 1)), ("dilation_rate", (1, 1))):
         value = cfg.get(key, good)
