@@ -17,7 +17,8 @@ WRITERS = {".onnx": "ONNX", ".h5": "Keras HDF5", ".hdf5": "Keras HDF5", ".safete
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a tinyunet checkpoint (.npz), a Keras .hdf5/.h5/.keras file or .safetensors")
+    parser.add_argument("checkpoint",
+                        help="a tinyunet checkpoint (.npz), a Keras .hdf5/.h5/.keras file or .safetensors")
     parser.add_argument("output", help="model.onnx, weights.h5 (Keras) or model.safetensors")
     args = parser.parse_args(argv)
     suffix = Path(args.output).suffix.lower()

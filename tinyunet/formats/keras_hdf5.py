@@ -429,7 +429,8 @@ def keras_to_parameters(weights: KerasWeights, model: UNet) -> dict:
     params = model.parameters()
     values = {}
     for position, (conv, want) in enumerate(zip(weights.convs, expected)):
-        where = f"{path!r}: Keras layer {conv.name!r} (conv #{position + 1} in graph order) -> tinyunet {want['name']!r}"
+        where = (f"{path!r}: Keras layer {conv.name!r} (conv #{position + 1} in graph order) -> "
+                 f"tinyunet {want['name']!r}")
         kernel = conv.kernel
         if conv.source is not None:                  # the file has its graph: check the wiring
             source = conv.source
@@ -485,7 +486,8 @@ def _check_conv_config(conv: KerasConv, want: dict, where: str, last: bool) -> N
     if activation not in allowed:
         fix = (" (a file without the head's ReLU loads into UNet(head_relu=False))"
                if want["name"] == "head.conv" else "")
-        raise KerasFileError(f"{where}: activation {activation!r}, tinyunet's layer expects {' or '.join(map(repr, allowed))}{fix}")
+        expects = " or ".join(map(repr, allowed))
+        raise KerasFileError(f"{where}: activation {activation!r}, tinyunet's layer expects {expects}{fix}")
 
 
 def load_keras(path, model: UNet | None = None) -> UNet:

@@ -22,9 +22,10 @@ layer's nodes and returns its output's name).
 
 The graph has one input, ``image`` (batch, C, height, width), and two outputs, ``logits`` and
 ``probability`` (its Sigmoid), batch and size dynamic (any size the model accepts). Weights are
-float32 initializers, whatever the model's dtype (onnxruntime has no float64 Conv on the CPU). Opset 17. The model is checked with
-``onnx.checker`` before it is written (atomically). Proof: tests/test_formats.py runs the file
-in onnxruntime against tinyunet's forward at two sizes and two batch sizes.
+float32 initializers, whatever the model's dtype (onnxruntime has no float64 Conv on the CPU).
+Opset 17. The model is checked with ``onnx.checker`` before it is written (atomically).
+Proof: tests/test_formats.py runs the file in onnxruntime against tinyunet's forward at two
+sizes and two batch sizes, for the 'same' and the 'valid' network.
 """
 from __future__ import annotations
 

@@ -84,7 +84,8 @@ def load_safetensors(path, model: UNet | None = None) -> UNet:
         model = UNet(config)
     own = model.parameters()
     problems = [f"  {name}: expected {tuple(a.shape)}, found nothing" for name, a in own.items() if name not in tensors]
-    problems += [f"  {name}: expected nothing, found {tuple(a.shape)}" for name, a in tensors.items() if name not in own]
+    problems += [f"  {name}: expected nothing, found {tuple(a.shape)}"
+                 for name, a in tensors.items() if name not in own]
     problems += [f"  {name}: expected {tuple(own[name].shape)}, found {tuple(a.shape)}"
                  for name, a in tensors.items() if name in own and tuple(a.shape) != tuple(own[name].shape)]
     if problems:
