@@ -4,8 +4,9 @@
     load_keras("unet_membrane.hdf5", model)          # into an existing model
     save_keras("for_keras.h5", model)                # then in Keras: model.load_weights("for_keras.h5")
 
-What Keras writes, and what is read here (every layout below was checked against Keras 3.15's
-own writers; the Keras 2 names differ only in a ':0' suffix)::
+What Keras writes, and what is read here (the Keras 3 layouts as Keras 3.15's own writers
+produce them; Keras 2's differ in a ':0' after each weight's name and in the graph's inbound
+nodes, written as [name, node, tensor, kwargs] lists, which the tests reproduce)::
 
     model.save("x.hdf5" / "x.h5")       legacy HDF5 model (Keras 2's ModelCheckpoint and
                                          Keras 3's model.save to .h5/.hdf5):
@@ -27,18 +28,19 @@ file), that graph is checked against tinyunet's wiring conv by conv: which convs
 through which pools, upsamplings and concatenations, its activation, padding and strides. A
 concat written [up, skip] instead of the reference model's [skip, up] is recognised and the
 kernel's input channels are swapped to match. Without a graph (a weights-only file), the order
-of the layers in the file (Keras writes them in graph order) and the shapes decide. The first
-layer that does not fit is named in the error, and nothing is changed before every shape has
-been checked.
+of the layers in the file (Keras writes them in graph order) and the shapes decide, and the
+head is taken to have its ReLU, as the Keras model's does. The first layer that does not fit
+is named in the error, and nothing is changed before every shape has been checked.
 
 Kernels: Keras (kh, kw, in, out) <-> tinyunet (out, in, kh, kw), both cross-correlations with
 TensorFlow's 'same' padding (the extra zero of an even kernel after): weight = kernel.transpose(3, 2, 0, 1).
 
-Writing: ``save_keras(path, model)`` writes the weights-only layout that Keras 2 writes
-(layer_names at the root, 'kernel:0' and 'bias:0'), which Keras 2 and Keras 3 read with
-``model.load_weights(path)`` by layer order, whatever the Keras model's names; a path ending in
-'.weights.h5' gets Keras 3's own layout instead (Keras 3 insists on that suffix). Atomic
-(temporary file + rename). Proof against Keras itself: tests/test_keras_oracle.py.
+Writing: ``save_keras(path, model)`` writes the weights-only layout that Keras 2's save_weights
+writes (layer_names at the root, 'kernel:0' and 'bias:0'), which ``model.load_weights(path)``
+reads by layer order, whatever the Keras model's names (Keras 3 tested; Keras 2's loader reads
+the same attributes, untested here: it needs TensorFlow). A path ending in '.weights.h5' gets
+Keras 3's own layout instead, since Keras 3's load_weights picks the reader by that suffix.
+Atomic (temporary file + rename). Proof against Keras itself: tests/test_keras_oracle.py.
 """
 from __future__ import annotations
 
@@ -241,9 +243,9 @@ def _inbound_names(layer: dict) -> list[str]:
 
     def collect(value):
         if isinstance(value, dict):
-            history = value.get("config", {}).get("keras_history") if "config" in value else None
-            if history is None:
-                history = value.get("keras_history")
+            inner = value.get("config")
+            history = inner.get("keras_history") if isinstance(inner, dict) else None
+            history = history if history is not None else value.get("keras_history")
             if history is not None:
                 names.append(history[0])
                 return
@@ -399,7 +401,9 @@ def _describe(expression, names) -> str:
 
 def config_from_keras(weights: KerasWeights) -> UNetConfig:
     """The UNetConfig a file's shapes and activations describe (depth from the number of convs:
-    2 per level down, 2 at the bottom, 3 per level up, 2 in the head = 5 * depth + 4)."""
+    2 per level down, 2 at the bottom, 3 per level up, 2 in the head = 5 * depth + 4).
+    A weights-only file has no activations: it gets the Keras head (head_relu=True); load one
+    saved without the head's ReLU into UNet(head_relu=False, ...) yourself."""
     n = len(weights.convs)
     if n < 9 or (n - 4) % 5:
         raise KerasFileError(f"{weights.path!r} holds {n} Conv2D layers; a 'same' U-Net of depth d has 5 * d + 4 "
