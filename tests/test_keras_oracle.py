@@ -45,12 +45,16 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 def keras_unet(base=64, names=None, creation_order=None, concat_up_first=False, head_relu=True, kernels=None,
-               compile=True):
+               compile=True, first_skip_from_conv1=False):
     """zhixuhao/unet's model.py in Keras 3 (base width 64 = the exact model).
 
     names: {position: name} renames the k-th conv (graph order); creation_order: the order in
     which the Conv2D objects are created (a permutation of range(24)), to prove that neither
-    names nor creation order matter; concat_up_first: concatenate([up, skip]) instead.
+    names nor creation order matter; concat_up_first: concatenate([up, skip]) instead;
+    kernels: {position: kernel size} replaces the k-th conv's kernel size (another
+    architecture); first_skip_from_conv1: the first level's skip taken after its first conv
+    (the same shapes, another graph); compile: as the script does (Adam 1e-4, binary
+    cross-entropy, accuracy).
     """
     widths = [base * 2 ** i for i in range(5)]
     specs = []                                         # (filters, kernel, activation) in graph order
@@ -74,11 +78,12 @@ def keras_unet(base=64, names=None, creation_order=None, concat_up_first=False, 
     inputs = keras.Input((None, None, 1))
     k, x, skips = 0, inputs, []
     for level in range(4):
-        x = convs[k + 1](convs[k](x))
+        first = convs[k](x)
+        x = convs[k + 1](first)
         k += 2
         if level == 3:
             x = L.Dropout(0.5)(x)
-        skips.append(x)
+        skips.append(first if level == 0 and first_skip_from_conv1 else x)
         x = L.MaxPooling2D(pool_size=(2, 2))(x)
     x = L.Dropout(0.5)(convs[k + 1](convs[k](x)))
     k += 2
@@ -300,8 +305,9 @@ def test_tinyunet_files_load_in_keras(tmp_path):
 
 
 def test_another_keras_architecture_is_refused(tmp_path):
-    """A Keras model with a BatchNormalization, one with a 5x5 conv, and a dense network:
-    each refused with the layer named, the model left as it was."""
+    """A Keras model with a BatchNormalization, a dense network, a U-Net with a 5x5 conv, one
+    whose first skip leaves after the first conv (same shapes, another graph), and files of
+    another depth or width: each refused with the layer named, the model left as it was."""
     inputs = keras.Input((None, None, 1))
     x = L.BatchNormalization(name="bn_here")(L.Conv2D(4, 3, padding="same")(inputs))
     keras.Model(inputs, L.Conv2D(1, 1)(x)).save(str(tmp_path / "bn.h5"))
@@ -317,6 +323,11 @@ def test_another_keras_architecture_is_refused(tmp_path):
     with pytest.raises(KerasFileError, match=r"\(conv #7 in graph order\) -> tinyunet 'down4.conv1': kernel shape "
                                              r"\(5, 5, 16, 32\), expected \(3, 3, 16, 32\)"):
         load_keras(tmp_path / "five.h5")
+
+    keras_unet(base=4, first_skip_from_conv1=True).save(str(tmp_path / "wired.h5"))
+    with pytest.raises(KerasFileError, match=r"-> tinyunet 'up1.conv1': it takes concat\[conv2d(_\d+)?, "
+                                             r"conv2d_\d+\], where .* the graphs differ"):
+        load_keras(tmp_path / "wired.h5")
 
     model = keras_unet(base=4)
     model.save(str(tmp_path / "ok.h5"))

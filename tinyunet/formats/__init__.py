@@ -21,7 +21,7 @@ def detect_format(path) -> str:
     file's first bytes, not its name; FormatError for anything else."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no model file at {str(path)!r}")
+        raise FileNotFoundError(f"no checkpoint or model file at {str(path)!r}")
     with open(path, "rb") as handle:
         head = handle.read(16)
     if head[:8] == b"\x89HDF\r\n\x1a\n":

@@ -444,7 +444,8 @@ def keras_to_parameters(weights: KerasWeights, model: UNet) -> dict:
                 if not swapped:
                     keras_names = [c.name for c in weights.convs]
                     raise KerasFileError(f"{where}: it takes {_describe(conv.source, keras_names)}, where tinyunet's "
-                                         f"layer takes {_describe(want['source'], keras_names)}: the graphs differ")
+                                         f"layer takes {_describe(want['source'], names)} (here: "
+                                         f"{_describe(want['source'], keras_names)}): the graphs differ")
                 # concat[up, skip]: the kernel's input channels come in the other order
                 first = kernel.shape[2] // 2
                 kernel = np.concatenate([kernel[:, :, first:], kernel[:, :, :first]], axis=2)
