@@ -3,11 +3,12 @@ from .activation import ReLU, Sigmoid, sigmoid
 from .base import Layer, LayerInputError
 from .concat import Concat
 from .conv import Conv2d, conv2d_naive, same_padding
+from .convtranspose import ConvTranspose2d, bilinear_weight
 from .crop import CenterCrop2d
 from .dropout import Dropout
 from .pool import MaxPool2d
 from .upconv import UpConv2d
 from .upsample import Upsample2d
 
-__all__ = ["Layer", "LayerInputError", "Conv2d", "conv2d_naive", "same_padding", "MaxPool2d",
+__all__ = ["Layer", "LayerInputError", "Conv2d", "conv2d_naive", "ConvTranspose2d", "bilinear_weight", "same_padding", "MaxPool2d",
            "Upsample2d", "UpConv2d", "CenterCrop2d", "Concat", "Dropout", "ReLU", "Sigmoid", "sigmoid"]
