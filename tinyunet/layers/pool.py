@@ -39,8 +39,10 @@ from .base import Layer, LayerInputError
 class MaxPool2d(Layer):
     _saved = ("_x_shape", "_argmax")
 
-    def __init__(self, kernel_size: int = 2, stride: int | None = None, name: str | None = None):
+    def __init__(self, kernel_size: int = 2, stride: int | None = None, name: str | None = None,
+                 return_indices: bool = False):
         super().__init__(name)
+        self.return_indices = bool(return_indices)   # forward returns (y, indices): see indices()
         if int(kernel_size) < 1 or (stride is not None and int(stride) < 1):
             raise ValueError(f"{self._label()}: kernel_size and stride must be >= 1, "
                              f"got {kernel_size} and {stride}")
@@ -73,7 +75,7 @@ class MaxPool2d(Layer):
             cpu_layers.maxpool_forward(x.reshape(n * c, *x.shape[2:]), y.reshape(n * c, oh, ow),
                                     argmax.reshape(n * c, oh, ow), self.kernel_size, self.stride)
             self._x_shape, self._argmax, self._dtype = x.shape, argmax, x.dtype
-            return y
+            return (y, self.indices()) if self.return_indices else y
         views = self._window_views(x, oh, ow)
         y = views[0].copy()
         argmax = xp.zeros(y.shape, dtype=xp.int8)     # window offset index i*k + j
@@ -82,7 +84,7 @@ class MaxPool2d(Layer):
             xp.copyto(y, candidate, where=better)
             argmax[better] = offset
         self._x_shape, self._argmax, self._dtype = x.shape, argmax, x.dtype
-        return y
+        return (y, self.indices()) if self.return_indices else y
 
     def backward(self, dy):
         """dy: (N, C, OH, OW) -> dx: (N, C, H, W), each dy routed to its window's argmax."""
@@ -98,3 +100,21 @@ class MaxPool2d(Layer):
         for offset, target in enumerate(self._window_views(dx, oh, ow)):
             target += xp.where(self._argmax == offset, dy, 0)  # += : windows may overlap
         return dx
+
+    # -- the argmax as flat indices, for MaxUnpool2d (SegNet's decoder) ------------------------
+    def indices(self):
+        """The last forward's argmax as flat indices into each input plane, PyTorch's
+        convention: (N, C, OH, OW) int64, idx = (oh*s + i) * W + (ow*s + j) for the window
+        offset (i, j) of the max (the first one at a tie, as the backward above).
+        ``MaxPool2d(2, return_indices=True).forward(x)`` returns (y, indices()).
+        Test: tests/test_unpool.py (against torch.nn.functional.max_pool2d's indices)."""
+        if self._argmax is None:
+            raise RuntimeError(f"{self._label()}: indices() called before forward()")
+        xp = get_array_module(self._argmax)
+        k, s = self.kernel_size, self.stride
+        width = self._x_shape[3]
+        oh, ow = self._argmax.shape[2:]
+        offset = self._argmax.astype(xp.int64)
+        row = xp.arange(oh, dtype=xp.int64)[:, None] * s + offset // k
+        col = xp.arange(ow, dtype=xp.int64)[None, :] * s + offset % k
+        return row * width + col
