@@ -1,6 +1,7 @@
 """The layers, one small file per family; each backward sits right under its forward."""
 from .activation import ReLU, Sigmoid, sigmoid
 from .base import Layer, LayerInputError
+from .batchnorm import BatchNorm2d
 from .concat import Concat
 from .conv import Conv2d, conv2d_naive, same_padding
 from .convtranspose import ConvTranspose2d, bilinear_weight
@@ -11,5 +12,5 @@ from .unpool import MaxUnpool2d
 from .upconv import UpConv2d
 from .upsample import Upsample2d
 
-__all__ = ["Layer", "LayerInputError", "Conv2d", "conv2d_naive", "ConvTranspose2d", "bilinear_weight", "same_padding", "MaxPool2d", "MaxUnpool2d",
+__all__ = ["Layer", "LayerInputError", "Conv2d", "conv2d_naive", "ConvTranspose2d", "bilinear_weight", "same_padding", "BatchNorm2d", "MaxPool2d", "MaxUnpool2d",
            "Upsample2d", "UpConv2d", "CenterCrop2d", "Concat", "Dropout", "ReLU", "Sigmoid", "sigmoid"]
