@@ -7,10 +7,11 @@ from .conv import Conv2d, conv2d_naive, same_padding
 from .convtranspose import ConvTranspose2d, bilinear_weight
 from .crop import CenterCrop2d
 from .dropout import Dropout
-from .pool import MaxPool2d
+from .fuse import Add, Crop2d
+from .pool import CeilMaxPool2d, MaxPool2d
 from .unpool import MaxUnpool2d
 from .upconv import UpConv2d
 from .upsample import Upsample2d
 
-__all__ = ["Layer", "LayerInputError", "Conv2d", "conv2d_naive", "ConvTranspose2d", "bilinear_weight", "same_padding", "BatchNorm2d", "MaxPool2d", "MaxUnpool2d",
+__all__ = ["Layer", "LayerInputError", "Conv2d", "conv2d_naive", "ConvTranspose2d", "bilinear_weight", "same_padding", "BatchNorm2d", "MaxPool2d", "CeilMaxPool2d", "Crop2d", "Add", "MaxUnpool2d",
            "Upsample2d", "UpConv2d", "CenterCrop2d", "Concat", "Dropout", "ReLU", "Sigmoid", "sigmoid"]
