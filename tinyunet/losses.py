@@ -171,8 +171,7 @@ def softmax_cross_entropy(logits, labels, class_weights=None, ignore_index: int 
     denominator = float(c.sum(dtype=np.float64))
     pixel_weight = c if weights is None else c * weights.astype(dtype, copy=False)
     grad = xp.exp(logp)                                                   # p_k
-    onehot_rows = xp.take_along_axis(grad, target[:, None], axis=1) - 1   # p_t - 1 at k = t
-    xp.put_along_axis(grad, target[:, None], onehot_rows, axis=1)
+    grad -= xp.arange(logits.shape[1])[None, :, None, None] == target[:, None]   # - [k = t]
     if denominator == 0:                                                  # nothing scored
         return 0.0, xp.zeros_like(logits)
     loss = float((pixel_weight * per_pixel).sum(dtype=np.float64)) / denominator

@@ -86,8 +86,9 @@ class MaxUnpool2d(Layer):
                                   f"input's (H, W)")
         n, c = x.shape[:2]
         flat_idx = indices.reshape(n * c, -1).astype(xp.int64, copy=False)
-        y = xp.zeros((n * c, plane), dtype=x.dtype)
-        xp.put_along_axis(y, flat_idx, x.reshape(n * c, -1), axis=1)   # each value to its argmax
+        rows = xp.arange(n * c)[:, None]                                 # (plane, position) pairs:
+        y = xp.zeros((n * c, plane), dtype=x.dtype)                       # plain fancy indexing, the
+        y[rows, flat_idx] = x.reshape(n * c, -1)                         # same on NumPy and CuPy
         self._indices, self._x_shape, self._size, self._dtype = flat_idx, x.shape, out[2:], x.dtype
         return y.reshape(out)
 
@@ -97,4 +98,5 @@ class MaxUnpool2d(Layer):
         self._check_grad(dy, expected, self._dtype)
         xp = get_array_module(dy)
         n, c = dy.shape[:2]
-        return xp.take_along_axis(dy.reshape(n * c, -1), self._indices, axis=1).reshape(self._x_shape)
+        rows = xp.arange(n * c)[:, None]
+        return dy.reshape(n * c, -1)[rows, self._indices].reshape(self._x_shape)
