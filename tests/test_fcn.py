@@ -189,3 +189,17 @@ def test_against_torch(variant):
     np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-8, atol=1e-12)
     for name, g in model.gradients().items():
         np.testing.assert_allclose(g, params[name].grad.numpy(), rtol=1e-8, atol=1e-11, err_msg=name)
+
+
+def test_tracer_sees_every_layer_and_backward_frees_what_each_layer_kept():
+    from tinyunet.losses import softmax_cross_entropy
+    from tinyunet.trace import trace
+    model = FCN(**SMALL)
+    x = np.random.default_rng(5).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    with trace(model) as t:
+        _, dlogits = softmax_cross_entropy(model.forward(x), np.zeros((1, 8, 8), np.int64))
+        model.backward(dlogits)
+    assert list(t.records) == list(model.named_layers()) and t.first_nonfinite() is None
+    assert sorted(t.backward_order) == sorted(model.named_layers())
+    kept = {name: [a for a in layer._saved if getattr(layer, a) is not None] for name, layer in model.layers.items()}
+    assert not any(kept.values()), kept

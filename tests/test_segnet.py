@@ -124,3 +124,19 @@ def test_against_torch():
         np.testing.assert_allclose(g, params[name].grad.numpy(), rtol=1e-8, atol=1e-10, err_msg=name)
     for name, value in model.buffers().items():
         np.testing.assert_allclose(value, running[name].numpy(), rtol=1e-10, err_msg=name)
+
+
+def test_tracer_sees_every_layer_and_backward_frees_what_each_layer_kept():
+    from tinyunet.losses import softmax_cross_entropy
+    from tinyunet.trace import trace
+    model = SegNet(**SMALL)
+    x = np.random.default_rng(3).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    with trace(model) as t:
+        _, dlogits = softmax_cross_entropy(model.forward(x), np.zeros((2, 16, 16), np.int64))
+        model.backward(dlogits)
+    assert list(t.records) == list(model.named_layers()) and t.first_nonfinite() is None
+    assert sorted(t.backward_order) == sorted(model.named_layers())
+    kept = {name: [a for a in layer._saved if getattr(layer, a) is not None] for name, layer in model.layers.items()}
+    assert not any(kept.values()), kept
+    with pytest.raises(RuntimeError, match="before forward"):
+        model.layers["upsample1"].backward(np.zeros((2, 2, 16, 16), np.float32))

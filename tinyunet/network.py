@@ -38,8 +38,8 @@ class LayerNetwork:
     def _run(self, name, *inputs):
         layer = self.layers[name]
         output = layer.forward(*inputs)
-        if self.tracer is not None:
-            self.tracer.on_forward(name, layer, output)
+        if self.tracer is not None:      # a pool that returns (y, indices) is traced by its y
+            self.tracer.on_forward(name, layer, output[0] if isinstance(output, tuple) else output)
         return output
 
     def _back(self, name, grad_output):

@@ -52,7 +52,7 @@ def max_unpool2d_naive(x, indices, size):
 
 class MaxUnpool2d(Layer):
     """y = x placed at the pool's argmax positions, 0 elsewhere; see the module docstring."""
-    _saved = ("_indices",)
+    _saved = ("_indices", "_x_shape")
 
     def __init__(self, kernel_size: int = 2, stride: int | None = None, name: str | None = None):
         super().__init__(name)
