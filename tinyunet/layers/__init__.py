@@ -13,5 +13,8 @@ from .unpool import MaxUnpool2d
 from .upconv import UpConv2d
 from .upsample import Upsample2d
 
-__all__ = ["Layer", "LayerInputError", "Conv2d", "conv2d_naive", "ConvTranspose2d", "bilinear_weight", "same_padding", "BatchNorm2d", "MaxPool2d", "CeilMaxPool2d", "Crop2d", "Add", "MaxUnpool2d",
-           "Upsample2d", "UpConv2d", "CenterCrop2d", "Concat", "Dropout", "ReLU", "Sigmoid", "sigmoid"]
+__all__ = ["Layer", "LayerInputError", "Conv2d", "conv2d_naive", "same_padding", "MaxPool2d",
+           "Upsample2d", "UpConv2d", "CenterCrop2d", "Concat", "Dropout", "ReLU", "Sigmoid", "sigmoid",
+           # FCN and SegNet (issue 15)
+           "ConvTranspose2d", "bilinear_weight", "CeilMaxPool2d", "MaxUnpool2d", "BatchNorm2d",
+           "Crop2d", "Add"]
