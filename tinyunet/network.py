@@ -145,7 +145,8 @@ class LayerNetwork:
         e = xp.exp(z - z.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
 
-    __call__ = lambda self, x: self.forward(x)  # noqa: E731
+    def __call__(self, x):
+        return self.forward(x)
 
     # -- shapes and the summary -------------------------------------------------------------
     def layer_shapes(self, input_shape) -> list:
