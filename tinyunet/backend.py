@@ -28,8 +28,9 @@ class DeviceError(RuntimeError):
     """The GPU was asked for but cannot be used, or arrays live on different devices."""
 
 
-# The answer of the GPU check, per CuPy module (a test may swap in a fake one): launching a kernel
-# costs a compilation the first time, and synchronize() asks on every call.
+# The answer of the GPU check, per CuPy module (keyed by the module itself: a test may swap in a
+# fake one): launching a kernel costs a compilation the first time, and synchronize() asks on
+# every call.
 _GPU_CHECKS: dict = {}
 
 
@@ -55,7 +56,7 @@ def _why_no_gpu() -> str | None:
         return ("CuPy is not installed (" + str(_CUPY_IMPORT_ERROR) + "). "
                 "Install it with: pip install -e \".[gpu]\" (cupy-cuda12x needs an NVIDIA "
                 "driver for CUDA 12), or run on the CPU with device='cpu'.")
-    key = id(_cupy)
+    key = _cupy
     if key not in _GPU_CHECKS:
         try:
             reason = None if _cupy.cuda.is_available() else "cupy.cuda.is_available() is False"
