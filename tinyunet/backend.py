@@ -152,3 +152,51 @@ def release_gpu_memory() -> int:
     pool.free_all_blocks()
     _cupy.get_default_pinned_memory_pool().free_all_blocks()
     return held - pool.total_bytes()
+
+
+def gpu_name() -> str | None:
+    """The current CUDA device's name (None without a GPU)."""
+    if not gpu_available():
+        return None
+    name = _cupy.cuda.runtime.getDeviceProperties(_cupy.cuda.Device().id)["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+class GpuMemoryPeak:
+    """The peak bytes of CuPy's default memory pool while it is on: in use by arrays
+    (``peak_used``, PyTorch's max_memory_allocated) and held, in use plus cached (``peak_held``,
+    PyTorch's max_memory_reserved).
+
+    The pool keeps no peak of its own, and its bytes at the end of a run say nothing of the
+    moment in between when the most was needed; so every allocation goes through ``_malloc``,
+    which asks the pool and notes the highest values. A Python call per allocation: turn it off
+    (``stop()``, or leave the ``with`` block) before timing anything.
+
+        with GpuMemoryPeak() as peak:
+            step()
+        print(peak.peak_used, peak.peak_held)
+    """
+
+    def __init__(self):
+        require_gpu()
+        self._pool = _cupy.get_default_memory_pool()
+        self.peak_used = self._pool.used_bytes()
+        self.peak_held = self._pool.total_bytes()
+        _cupy.cuda.set_allocator(self._malloc)
+
+    def _malloc(self, size: int):
+        memory = self._pool.malloc(size)
+        self.peak_used = max(self.peak_used, self._pool.used_bytes())
+        self.peak_held = max(self.peak_held, self._pool.total_bytes())
+        return memory
+
+    def stop(self) -> "GpuMemoryPeak":
+        """Back to the pool's own allocator; the peaks stay readable."""
+        _cupy.cuda.set_allocator(self._pool.malloc)
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
