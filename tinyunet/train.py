@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from tinyunet import checkpoint as checkpoints
 from tinyunet.augment import Augmenter
-from tinyunet.backend import check_device_name, require_gpu, to_device, to_numpy
+from tinyunet.backend import check_device_name, release_gpu_memory, require_gpu, to_device, to_numpy
 from tinyunet.files import atomic_write
 from tinyunet.data import Dataset, border_weight_map, random_crops, resolve_data
 from tinyunet.infer import predict_probability, save_prediction
@@ -282,6 +282,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         probabilities = [self.predict(image) for image in self.val_set.images]
+        release_gpu_memory()      # the whole-image blocks would stay in CuPy's pool and raise the next peak
         scores = evaluate(np.stack(probabilities), np.stack(self.val_set.targets))
         scores["membrane_share_predicted"] = float(np.mean([(p >= self.options.threshold).mean()
                                                             for p in probabilities]))
