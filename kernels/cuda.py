@@ -18,7 +18,13 @@ NumPy arrays are accepted too, so the kernels' logic is tested on machines witho
   order (i, j) = (0, 0), (0, 1), ... like reference.py: the result is deterministic and equal
   to the reference's bit for bit.
 
-Both kernels loop with a grid stride, so any size runs on a bounded grid.
+Both kernels loop with a grid stride, so any size runs on a bounded grid, and index in
+unsigned 32 bits where every index is below 2**31 (a 64-bit build otherwise: index_type).
+They run on CuPy's current stream, and the Numba views of CuPy arrays are made without a
+stream wait (as_cuda_array(sync=False)): a call blocks nothing.
+At import, Numba's CUDA target must compile and run a one-line kernel (why_unusable); if it
+cannot, the ImportError says why, and the dispatcher serves CuPy arrays with reference.py,
+saying so once (kernels.KernelFallbackWarning).
 Proof: tests/test_kernels_cuda.py (the simulator on tiny inputs, and real CuPy arrays where a
 GPU exists).
 """

@@ -6,8 +6,10 @@ This is the only module in tinyunet that imports CuPy. Everything else asks it:
     y = xp.maximum(x, 0)            # one code path for both
 
 and moves arrays with ``to_device(a, "cpu" | "gpu")``. Asking for the GPU where there is
-none raises :class:`DeviceError`, which says why (CuPy missing, or no CUDA device) and how
-to fix it. Tested in tests/test_backend.py.
+none raises :class:`DeviceError`, which says why (CuPy missing, no CUDA device, or a first
+kernel that cannot run) and how to fix it. For the GPU's memory: ``release_gpu_memory()``
+gives CuPy's cached blocks back after a prediction, ``GpuMemoryPeak`` watches the pool's peak
+for the benchmarks. Tested in tests/test_backend.py and tests/test_gpu_bench.py.
 """
 from __future__ import annotations
 
