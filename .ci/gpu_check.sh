@@ -74,8 +74,11 @@ step() {
 
 note "# gpu_check $(date -u '+%Y-%m-%d %H:%M UTC')  commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')  dry-run=$DRY"
 note "# python: $PY ($($PY --version 2>&1)), deadline ${DEADLINE_S}s, train --minutes $TRAIN_MINUTES, out $OUTDIR"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || echo "nvidia-smi failed or absent"; } 2>/dev/null \
-    | sed 's/^/# gpu: /' | tee -a "$SUMMARY"
+if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/# gpu: /' | tee -a "$SUMMARY"
+else
+    note "# gpu: no nvidia-smi here"
+fi
 
 # -- install ----------------------------------------------------------------------------------
 if [[ $DRY == 0 ]]; then
@@ -89,7 +92,22 @@ if [[ $DRY == 0 ]]; then
         $PY -m pip install -q torch >> "$SUMMARY" 2>&1 || note "   pip install torch FAILED (offline?)"
     fi
 fi
+if ! (cd /tmp && $PY -c "import tinyunet.kernels") >> "$SUMMARY" 2>&1; then
+    # No editable install (an old setuptools, say): the package laid out by hand, kernels/ as
+    # tinyunet.kernels (setup.cfg's package_dir), on PYTHONPATH.
+    note "== tinyunet does not import after pip install -e .: using a copy on PYTHONPATH"
+    LAYOUT=$(mktemp -d)
+    cp -r tinyunet "$LAYOUT/" && ln -s "$ROOT/kernels" "$LAYOUT/tinyunet/kernels"
+    export PYTHONPATH=$LAYOUT${PYTHONPATH:+:$PYTHONPATH}
+fi
 $PY - >> "$SUMMARY" 2>&1 <<'EOF'
+import warnings
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:     # pytest makes any of these an error
+    import tinyunet.backend, tinyunet.kernels
+    tinyunet.kernels.available()
+for w in caught:
+    print(f"# WARNING at import (an error under pytest): {w.category.__name__}: {w.message}")
 import importlib.metadata as md
 def version(name):
     try:
