@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from tinyunet import checkpoint as checkpoints
 from tinyunet.augment import Augmenter
-from tinyunet.backend import check_device_name, require_gpu, to_device, to_numpy
+from tinyunet.backend import check_device_name, release_gpu_memory, require_gpu, to_device, to_numpy
 from tinyunet.files import atomic_write
 from tinyunet.data import Dataset, border_weight_map, random_crops, resolve_data
 from tinyunet.infer import predict_probability, save_prediction
@@ -229,6 +229,7 @@ class Trainer:
         self.train_seconds = 0.0
         if o.resume:
             self._resume()
+        self._first_step = self.step
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self) -> None:
@@ -250,7 +251,9 @@ class Trainer:
         self.log(f"resumed from {self.checkpoint_path} at step {self.step}")
 
     # -- one step -----------------------------------------------------------------------------
-    def train_step(self) -> float:
+    def train_step(self):
+        """One step; returns the loss as bce_with_logits does (on the GPU a device scalar,
+        read by fit() only when it logs)."""
         o = self.options
         images, targets = random_crops(self.train_set, o.crop, o.batch, self.batch_rng, self.augment)
         weights = None
@@ -259,7 +262,9 @@ class Trainer:
             weights = to_device(weights, o.device)
         x, t = to_device(images, o.device), to_device(targets, o.device)
         logits = self.model.forward(x)
-        loss, dlogits = bce_with_logits(logits, t, weights)
+        # the first step reads the loss inputs back (bad labels named at once); later steps on
+        # the GPU check them on the device, folded into the loss (tinyunet/losses.py)
+        loss, dlogits = bce_with_logits(logits, t, weights, check=True if self.step == self._first_step else None)
         self.model.backward(dlogits)
         self.optimizer.lr = learning_rate(o, self.progress())
         self.optimizer.step(self.model.gradients())
@@ -277,6 +282,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         probabilities = [self.predict(image) for image in self.val_set.images]
+        release_gpu_memory()      # the whole-image blocks would stay in CuPy's pool and raise the next peak
         scores = evaluate(np.stack(probabilities), np.stack(self.val_set.targets))
         scores["membrane_share_predicted"] = float(np.mean([(p >= self.options.threshold).mean()
                                                             for p in probabilities]))
@@ -300,22 +306,30 @@ class Trainer:
         o = self.options
         budget = o.minutes * 60.0
         losses: list[float] = []
+        unread: list = []                       # losses not yet read back (device scalars on the GPU)
+        read_every = 10 if o.device == "gpu" else 1
         interrupted = False
         bar = tqdm(total=o.steps, initial=self.step, desc="training", unit="step", disable=not o.progress,
                    dynamic_ncols=True)
         try:
             while self.step < o.steps and self.train_seconds < budget:
                 started = time.perf_counter()
-                loss = self.train_step()
+                unread.append(self.train_step())
                 self.train_seconds += time.perf_counter() - started
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {loss} at step {self.step}: lower --lr")
-                losses.append(loss)
-                postfix = {"loss": f"{np.mean(losses[-20:]):.4f}"}
-                if self.history:
-                    postfix.update(iou=f"{self.history[-1]['iou_membrane']:.3f}",
-                                   dice=f"{self.history[-1]['dice']:.3f}")
-                bar.set_postfix(postfix)
+                # Reading a GPU loss waits for the GPU: read every 10 steps there, every step on the CPU
+                if (len(unread) >= read_every or self.step % o.eval_every == 0 or self.step >= o.steps
+                        or self.train_seconds >= budget):
+                    for back, value in enumerate(float(loss) for loss in unread):
+                        if not math.isfinite(value):
+                            at = self.step - len(unread) + 1 + back
+                            raise FloatingPointError(f"the loss became {value} at step {at}: lower --lr")
+                        losses.append(value)
+                    unread = []
+                    postfix = {"loss": f"{np.mean(losses[-20:]):.4f}"}
+                    if self.history:
+                        postfix.update(iou=f"{self.history[-1]['iou_membrane']:.3f}",
+                                       dice=f"{self.history[-1]['dice']:.3f}")
+                    bar.set_postfix(postfix)
                 bar.update(1)
                 if self.step % o.eval_every == 0:
                     self._record(losses[-o.eval_every:])
@@ -326,6 +340,7 @@ class Trainer:
             self.log(f"\ninterrupted at step {self.step}: saving a checkpoint (continue with --resume)")
         finally:
             bar.close()
+        losses += [float(loss) for loss in unread]   # read after a Ctrl-C
         if not self.history or self.history[-1]["step"] != self.step:
             self._record(losses[-o.eval_every:])
         self.save()

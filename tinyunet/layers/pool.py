@@ -82,7 +82,7 @@ class MaxPool2d(Layer):
         for offset, candidate in enumerate(views[1:], start=1):
             better = candidate > y                    # strict: a tie keeps the earlier (first) max
             xp.copyto(y, candidate, where=better)
-            argmax[better] = offset
+            xp.copyto(argmax, np.int8(offset), where=better)  # no mask count read back (a GPU sync)
         self._x_shape, self._argmax, self._dtype = x.shape, argmax, x.dtype
         return (y, self.indices()) if self.return_indices else y
 
