@@ -3,11 +3,13 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from tinyunet.data import synthetic_membranes
-from tinyunet.train import (CollapseWatch, Trainer, TrainOptions, head_relu_dead_channels, learning_rate,
-                            parse_indices)
+from tinyunet.train import (CollapseWatch, Trainer, TrainOptions, check_options, head_relu_dead_channels,
+                            learning_rate, parse_indices, resume_options)
 from tinyunet.unet import UNet
 
 
@@ -140,3 +142,108 @@ def test_a_cosine_run_ends_at_the_floor(tmp_path, tiny_data):
     trainer.fit()
     # the last step ran at progress 4/5: lr * (0.05 + 0.95 * (1 + cos(0.8 pi)) / 2)
     assert trainer.optimizer.lr == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5 * (1 + np.cos(0.8 * np.pi))))
+
+
+# ----------------------------------------------------------- bad options, kept runs, resume
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(eval_every=0), "--eval-every 0: must be at least 1"),
+    (dict(checkpoint_every=0), "--checkpoint-every 0: must be at least 1"),
+    (dict(batch=0), "--batch 0: must be at least 1"),
+    (dict(batch=-1), "--batch -1: must be at least 1"),
+    (dict(crop=-32), "--crop -32: must be at least 4"),
+    (dict(crop=30), r"--crop 30 must be divisible by 2\*\*depth = 4"),
+    (dict(val="abc"), "--val 'abc': give validation items as 'last4', '20-23'"),
+    (dict(val="-1"), "--val '-1': give validation items as"),
+    (dict(val="5-2"), "the range 5-2 runs backwards"),
+    (dict(val="last0"), "hold out at least one item"),
+    (dict(seed=-1), "--seed -1: must be at least 0"),
+    (dict(lr=float("nan")), "--lr nan: must be a number"),
+    (dict(lr=float("inf")), "--lr inf: Adam's learning rate must be a finite number > 0"),
+    (dict(lr=0.0), "--lr 0.0: Adam's learning rate must be a finite number > 0"),
+    (dict(threshold=1.5), "--threshold 1.5: a membrane probability threshold lies strictly between 0 and 1"),
+    (dict(threshold=0.0), "--threshold 0.0: a membrane probability"),
+    (dict(steps=-5), "--steps -5: must be at least 1"),
+    (dict(steps=0), "--steps 0: must be at least 1"),
+    (dict(minutes=0.0), "--minutes 0.0: a run needs time to train"),
+    (dict(minutes=float("nan")), "--minutes nan: must be a number"),
+    (dict(steps=2.5), "--steps 2.5: must be a whole number"),
+    (dict(depth=0), "--depth 0: must be at least 1 and at most 12"),
+    (dict(base_width=100000), "--base-width/--depth: base_width=100000.*more than tinyunet loads"),
+    (dict(augment="rotate"), "--augment 'rotate': choose one of"),
+    (dict(device="tpu"), "unknown device 'tpu'"),
+    (dict(synthetic_count=1), "--synthetic-count 1: must be at least 2"),
+    (dict(data="synthetic", crop=512), "--crop 512 is larger than the synthetic slices"),
+    (dict(resume=True, overwrite=True), "--resume and --overwrite contradict each other"),
+    (dict(data=""), "--data '': must not be empty"),
+])
+def test_every_bad_option_is_refused_before_any_work(tmp_path, changes, message):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        Trainer(tiny_options(out, **changes))       # no dataset given: none is generated before the refusal
+    assert not out.exists()                         # nothing on disk changed
+
+
+@settings(max_examples=25)
+@given(batch=st.integers(-10**6, 0), steps=st.integers(-10**6, 0),
+       threshold=st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0), st.just(float("nan"))),
+       lr=st.one_of(st.floats(max_value=0.0), st.just(float("inf")), st.just(float("nan"))))
+def test_out_of_range_values_are_refused_whatever_they_are(batch, steps, threshold, lr):
+    for changes in (dict(batch=batch), dict(steps=steps), dict(threshold=threshold), dict(lr=lr)):
+        with pytest.raises(ValueError, match=f"--{next(iter(changes)).replace('_', '-')} "):
+            check_options(tiny_options("unused", **changes))
+
+
+def test_a_crop_larger_than_the_data_is_refused_before_the_run_folder_exists(tmp_path, tiny_data):
+    with pytest.raises(ValueError, match="--crop 64 is larger than the training image 'synthetic_000' "
+                                         r"\(48 pixels on its short side\); use --crop 48 or less"):
+        Trainer(tiny_options(tmp_path / "run", crop=64), tiny_data)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_is_kept_unless_resume_or_overwrite(tmp_path, tiny_data):
+    Trainer(tiny_options(tmp_path, steps=2), tiny_data, log=lambda m: None).fit()
+    before = (tmp_path / "checkpoint.npz").read_bytes()
+    with pytest.raises(ValueError, match=r"already holds a run \(checkpoint.npz, at step 2\): continue it with "
+                                         r"--resume, replace it with --overwrite, or choose another --out"):
+        Trainer(tiny_options(tmp_path, steps=1), tiny_data)
+    assert (tmp_path / "checkpoint.npz").read_bytes() == before
+    lines = []
+    result = Trainer(tiny_options(tmp_path, steps=1, overwrite=True), tiny_data, log=lines.append).fit()
+    assert result["step"] == 1 and any("--overwrite: removed the previous run's checkpoint" in line for line in lines)
+
+
+def test_resume_restores_the_runs_own_options(tmp_path, tiny_data):
+    run = tiny_options(tmp_path, steps=3, lr_schedule="cosine", lr=3e-3, crop=16, threshold=0.4)
+    Trainer(run, tiny_data, log=lambda m: None).fit()
+    restored = resume_options(tmp_path)                       # nothing typed: the run's own options
+    assert (restored.lr, restored.crop, restored.lr_schedule, restored.steps) == (3e-3, 16, "cosine", 3)
+    with pytest.raises(ValueError, match=r"--resume: --steps 9 \(the run: 3\) would change what the run computes"):
+        Trainer(resume_options(tmp_path, {"steps": 9}), tiny_data)
+    with pytest.raises(ValueError, match=r"--crop 32 \(the run: 16\), --lr 0.001 \(the run: 0.003\) would change"):
+        Trainer(resume_options(tmp_path, {"crop": 32, "lr": 1e-3}), tiny_data)
+    with pytest.raises(ValueError, match="is at step 3, which reaches --steps 3: its cosine schedule is over"):
+        Trainer(resume_options(tmp_path), tiny_data)
+
+
+def test_resume_reports_options_that_only_change_what_is_reported(tmp_path, tiny_data):
+    Trainer(tiny_options(tmp_path, steps=2), tiny_data, log=lambda m: None).fit()
+    with pytest.raises(ValueError, match="is at step 2, which reaches --steps 2: give a larger --steps"):
+        Trainer(resume_options(tmp_path), tiny_data)
+    lines = []
+    trainer = Trainer(resume_options(tmp_path, {"steps": 3, "threshold": 0.6}), tiny_data, log=lines.append)
+    assert trainer.step == 2
+    assert "--resume: --steps 3 (the run: 2)" in lines and "--resume: --threshold 0.6 (the run: 0.5)" in lines
+
+
+def test_nan_data_is_blamed_not_the_learning_rate(tmp_path, tiny_data):
+    trainer = Trainer(tiny_options(tmp_path), tiny_data, log=lambda m: None)
+    for image in trainer.train_set.images:       # corrupted after it was checked, e.g. by a custom augment
+        image[:] = np.nan
+    with pytest.raises(FloatingPointError, match="training batch holds NaN or infinite values: check the data"):
+        trainer.train_step()
+    trainer = Trainer(tiny_options(tmp_path / "b"), synthetic_membranes(4, size=48, seed=1), log=lambda m: None)
+    trainer.model.parameters()["head.out.bias"][:] = np.nan
+    with pytest.raises(FloatingPointError, match=r"the weights hold NaN or infinite values, the run diverged.*"
+                                                 r"lower --lr \(now 0.001\)"):
+        trainer.train_step()
