@@ -421,3 +421,6 @@ def test_random_crops_shapes_and_errors():
     assert not np.array_equal(next(stream)[0], images)
     with pytest.raises(DataError, match=r"crop size 65 is larger than image 'synthetic_000' \(64x64"):
         random_crops(dataset, 65, 1, np.random.default_rng(0))
+    for size, batch in ((0, 1), (-32, 1), (32, 0), (32, -1), (32, 2.0)):
+        with pytest.raises(DataError, match="random_crops: the (crop size|batch) must be a whole number >= 1"):
+            random_crops(dataset, size, batch, np.random.default_rng(0))

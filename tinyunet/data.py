@@ -716,6 +716,9 @@ def random_crops(dataset: Dataset, size: int, batch: int, rng: np.random.Generat
         raise DataError("random_crops needs a labelled dataset (targets); this one has images only.")
     if not isinstance(rng, np.random.Generator):
         raise DataError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
+    for name, value in (("crop size", size), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise DataError(f"random_crops: the {name} must be a whole number >= 1, got {value!r}")
     smallest = min(range(len(dataset)), key=lambda i: min(dataset.images[i].shape))
     if size > min(dataset.images[smallest].shape):
         h, w = dataset.images[smallest].shape
