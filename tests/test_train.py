@@ -247,3 +247,20 @@ def test_nan_data_is_blamed_not_the_learning_rate(tmp_path, tiny_data):
     with pytest.raises(FloatingPointError, match=r"the weights hold NaN or infinite values, the run diverged.*"
                                                  r"lower --lr \(now 0.001\)"):
         trainer.train_step()
+
+
+def test_the_first_run_says_that_numba_is_compiling(tmp_path, tiny_data, monkeypatch):
+    from tinyunet import train as train_module
+    from tinyunet.kernels import cpu
+    cache_file = cpu._im2col_kernel._cache._cache_file
+    monkeypatch.setattr(cache_file, "_index_path", str(tmp_path / "missing.nbi"))   # a fresh install
+    assert train_module.kernels_need_compiling()
+    lines = []
+    Trainer(tiny_options(tmp_path / "run", steps=1), tiny_data, log=lines.append).fit()
+    assert lines[0].startswith("first run: Numba compiles the CPU kernels before the first steps finish")
+    (tmp_path / "present.nbi").write_bytes(b"")
+    monkeypatch.setattr(cache_file, "_index_path", str(tmp_path / "present.nbi"))   # compiled before
+    assert not train_module.kernels_need_compiling()
+    lines = []
+    Trainer(tiny_options(tmp_path / "again", steps=1), tiny_data, log=lines.append).fit()
+    assert not any("Numba" in line for line in lines)
