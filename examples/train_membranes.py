@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     parser = build_parser(TrainOptions())
     args = parser.parse_args(argv)
     try:
+        if args.resume and args.overwrite:
+            raise ValueError(f"--resume and --overwrite contradict each other: --resume continues the run in "
+                             f"{args.out}, --overwrite replaces it; give one")
         if args.resume:       # the run's own options, from its checkpoint, with what was typed on top
             options = resume_options(args.out, given_options(build_parser(TrainOptions()), argv))
         else:

@@ -424,3 +424,9 @@ def test_random_crops_shapes_and_errors():
     for size, batch in ((0, 1), (-32, 1), (32, 0), (32, -1), (32, 2.0)):
         with pytest.raises(DataError, match="random_crops: the (crop size|batch) must be a whole number >= 1"):
             random_crops(dataset, size, batch, np.random.default_rng(0))
+
+
+def test_a_float_image_file_with_nan_is_named(tmp_path):
+    Image.fromarray(np.full((4, 4), np.nan, np.float32), mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(DataError, match=r"image .*nan\.tif holds 16 NaN or infinite pixels"):
+        read_image(tmp_path / "nan.tif")

@@ -123,7 +123,7 @@ TINY = ["--base-width", "4", "--depth", "2", "--crop", "32", "--steps", "2", "--
     (["--steps", "-5"], "--steps -5: must be at least 1"),
     (["--threads", "-1"], "--threads -1: give at least 1"),
     (["--resume"], "--resume: no checkpoint at"),
-    (["--resume", "--overwrite"], "--resume: no checkpoint at"),
+    (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
 ])
 def test_train_membranes_refuses_bad_options_in_one_line(tmp_path, capsys, arguments, message):
     train = load_example("train_membranes")

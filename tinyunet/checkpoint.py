@@ -387,7 +387,7 @@ def _check_entries(path: Path, entries: dict, config: UNetConfig, meta: dict) ->
         problems.append(f"  ... and {len(missing) - 10} more missing")
     if problems:
         raise CheckpointError(f"{str(path)!r} does not hold what its own config describes ({len(problems)} "
-                              f"problems); the file is damaged or was not written by tinyunet:\n" + "\n".join(problems))
+                              f"problem{'s' if len(problems) > 1 else ''}); the file is damaged or was not written by tinyunet:\n" + "\n".join(problems))
 
 
 def _mismatches(expected: dict, found: dict, what: str) -> list[str]:
@@ -451,7 +451,8 @@ def load_checkpoint(path, model: UNet | None = None, optimizer=None, *, rngs: di
             problems += [f"  optimizer: {type(optimizer).__name__} has no hyper-parameter {key!r}"
                          for key in optimizer_meta["hyper"] if not hasattr(optimizer, key)]
     if problems:
-        raise CheckpointError(f"{str(path)!r} does not fit this model ({len(problems)} mismatches, expected "
+        raise CheckpointError(f"{str(path)!r} does not fit this model ({len(problems)} "
+                              f"mismatch{'es' if len(problems) > 1 else ''}, expected "
                               f"= this model, found = the file):\n" + "\n".join(problems))
 
     # everything fits: nothing below can fail on the file's content

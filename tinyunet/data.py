@@ -329,7 +329,10 @@ def _unit_grey(page: Image.Image, source: str) -> np.ndarray:
         return (values / 65535).astype(np.float32)
     if page.mode == "F":
         values = np.asarray(page, dtype=np.float32)
-        if not np.all(np.isfinite(values)) or values.min(initial=0) < 0 or values.max(initial=0) > 1:
+        if not np.all(np.isfinite(values)):
+            raise DataError(f"image {source} holds {int((~np.isfinite(values)).sum())} NaN or infinite pixels; "
+                            "fix or drop the image (a model cannot learn from or predict on them).")
+        if values.min(initial=0) < 0 or values.max(initial=0) > 1:
             raise DataError(f"image {source} is a float image with values outside [0, 1]; "
                             "rescale it to [0, 1] or save it as 8-bit greyscale.")
         return values.copy()
