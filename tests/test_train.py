@@ -20,6 +20,15 @@ def tiny_options(out, **changes):
     return TrainOptions(**values)
 
 
+@pytest.fixture
+def quick_figures(monkeypatch):
+    """matplotlib takes seconds a figure: tests that do not look at the figures get empty files
+    (test_a_run_leaves_everything_a_person_looks_at draws them for real)."""
+    import tinyunet.plots as plots
+    monkeypatch.setattr(plots, "save_curves", lambda history, path: path.touch())
+    monkeypatch.setattr(plots, "save_montage", lambda images, targets, probabilities, names, path, t: path.touch())
+
+
 @pytest.fixture(scope="module")
 def tiny_data():
     return synthetic_membranes(4, size=48, seed=1)
@@ -105,22 +114,42 @@ def test_validation_indices():
         parse_indices("20-25", 24)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_still_reports(tmp_path, tiny_data, monkeypatch):
+def test_ctrl_c_saves_a_checkpoint_and_still_reports(tmp_path, tiny_data, monkeypatch, quick_figures):
+    """One Ctrl-C (SIGINT) stops at the step boundary and still reports; a KeyboardInterrupt
+    between steps (a second Ctrl-C) saves that step and stops at once. Every phase of a step:
+    tests/test_interrupts.py."""
+    import signal
     trainer = Trainer(tiny_options(tmp_path, steps=10, eval_every=100, checkpoint_every=100), tiny_data,
                       log=lambda m: None)
     real_step = trainer.train_step
 
     def step_then_interrupt():
         if trainer.step == 3:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
         return real_step()
 
     monkeypatch.setattr(trainer, "train_step", step_then_interrupt)
     result = trainer.fit()
-    assert result["interrupted"] and result["step"] == 3
-    resumed = Trainer(tiny_options(tmp_path, steps=10, resume=True), tiny_data, log=lambda m: None)
-    assert resumed.step == 3
-    assert (tmp_path / "montage.png").is_file()
+    assert result["interrupted"] and result["step"] == 4            # the step in flight was finished
+    assert (tmp_path / "montage.png").is_file() and (tmp_path / "report.txt").is_file()
+
+    lines = []
+    resumed = Trainer(tiny_options(tmp_path, steps=10, resume=True), tiny_data, log=lines.append)
+    assert resumed.step == 4
+    real_step = resumed.train_step
+
+    def stop_at_once():
+        if resumed.step == 6:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(resumed, "train_step", stop_at_once)
+    (tmp_path / "report.txt").unlink()
+    with pytest.raises(KeyboardInterrupt):
+        resumed.fit()
+    assert any("stopped at once at step 6" in line for line in lines)
+    assert Trainer(tiny_options(tmp_path, steps=10, resume=True), tiny_data, log=lambda m: None).step == 6
+    assert not (tmp_path / "report.txt").exists()
 
 
 def test_cosine_schedule_runs_from_lr_down_to_its_floor():
@@ -136,7 +165,7 @@ def test_cosine_schedule_runs_from_lr_down_to_its_floor():
         Trainer(TrainOptions(lr_schedule="step"), synthetic_membranes(2, size=32, seed=0))
 
 
-def test_a_cosine_run_ends_at_the_floor(tmp_path, tiny_data):
+def test_a_cosine_run_ends_at_the_floor(tmp_path, tiny_data, quick_figures):
     trainer = Trainer(tiny_options(tmp_path, lr_schedule="cosine", steps=5, minutes=60.0), tiny_data,
                       log=lambda *_: None)
     trainer.fit()
@@ -201,7 +230,7 @@ def test_a_crop_larger_than_the_data_is_refused_before_the_run_folder_exists(tmp
     assert not (tmp_path / "run").exists()
 
 
-def test_a_run_folder_is_kept_unless_resume_or_overwrite(tmp_path, tiny_data):
+def test_a_run_folder_is_kept_unless_resume_or_overwrite(tmp_path, tiny_data, quick_figures):
     Trainer(tiny_options(tmp_path, steps=2), tiny_data, log=lambda m: None).fit()
     before = (tmp_path / "checkpoint.npz").read_bytes()
     with pytest.raises(ValueError, match=r"already holds a run \(checkpoint.npz, at step 2\): continue it with "
@@ -213,7 +242,7 @@ def test_a_run_folder_is_kept_unless_resume_or_overwrite(tmp_path, tiny_data):
     assert result["step"] == 1 and any("--overwrite: removed the previous run's checkpoint" in line for line in lines)
 
 
-def test_resume_restores_the_runs_own_options(tmp_path, tiny_data):
+def test_resume_restores_the_runs_own_options(tmp_path, tiny_data, quick_figures):
     run = tiny_options(tmp_path, steps=3, lr_schedule="cosine", lr=3e-3, crop=16, threshold=0.4)
     Trainer(run, tiny_data, log=lambda m: None).fit()
     restored = resume_options(tmp_path)                       # nothing typed: the run's own options
@@ -226,7 +255,7 @@ def test_resume_restores_the_runs_own_options(tmp_path, tiny_data):
         Trainer(resume_options(tmp_path), tiny_data)
 
 
-def test_resume_reports_options_that_only_change_what_is_reported(tmp_path, tiny_data):
+def test_resume_reports_options_that_only_change_what_is_reported(tmp_path, tiny_data, quick_figures):
     Trainer(tiny_options(tmp_path, steps=2), tiny_data, log=lambda m: None).fit()
     with pytest.raises(ValueError, match="is at step 2, which reaches --steps 2: give a larger --steps"):
         Trainer(resume_options(tmp_path), tiny_data)
@@ -236,8 +265,8 @@ def test_resume_reports_options_that_only_change_what_is_reported(tmp_path, tiny
     assert "--resume: --steps 3 (the run: 2)" in lines and "--resume: --threshold 0.6 (the run: 0.5)" in lines
 
 
-def test_nan_data_is_blamed_not_the_learning_rate(tmp_path, tiny_data):
-    trainer = Trainer(tiny_options(tmp_path), tiny_data, log=lambda m: None)
+def test_nan_data_is_blamed_not_the_learning_rate(tmp_path):
+    trainer = Trainer(tiny_options(tmp_path), synthetic_membranes(4, size=48, seed=1), log=lambda m: None)
     for image in trainer.train_set.images:       # corrupted after it was checked, e.g. by a custom augment
         image[:] = np.nan
     with pytest.raises(FloatingPointError, match="training batch holds NaN or infinite values: check the data"):
@@ -249,7 +278,7 @@ def test_nan_data_is_blamed_not_the_learning_rate(tmp_path, tiny_data):
         trainer.train_step()
 
 
-def test_the_first_run_says_that_numba_is_compiling(tmp_path, tiny_data, monkeypatch):
+def test_the_first_run_says_that_numba_is_compiling(tmp_path, tiny_data, monkeypatch, quick_figures):
     from tinyunet import train as train_module
     from tinyunet.kernels import cpu
     cache_file = cpu._im2col_kernel._cache._cache_file

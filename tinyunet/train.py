@@ -416,6 +416,7 @@ class Trainer:
         self.watch = CollapseWatch(o.collapse_patience)
         self.train_seconds = 0.0
         self._in_step = False       # True from drawing a batch to the optimizer's last update
+        self._saved_step = None     # the step the checkpoint on disk holds, once this run saved it
         if o.resume:
             self._resume()
 
@@ -485,6 +486,7 @@ class Trainer:
             rngs={"batches": self.batch_rng},          # the model's dropout generators go in too
             extra={"history": self.history, "options": asdict(self.options),
                    "train_seconds": self.train_seconds})
+        self._saved_step = self.step
 
     def _resume(self) -> None:
         loaded = checkpoints.load_checkpoint(self.checkpoint_path, self.model, self.optimizer,
@@ -563,9 +565,9 @@ class Trainer:
         """Train until --steps or --minutes, then evaluate, save and report.
 
         Ctrl-C stops at the next step boundary (DeferredInterrupt), saves, and still writes
-        the report: a resumed run then continues bit-identically. A second Ctrl-C stops at
-        once; what is saved then is still a step boundary, or nothing (the last checkpoint
-        is kept) when it came inside a step.
+        the report: a resumed run then continues bit-identically. A second Ctrl-C (any
+        KeyboardInterrupt) stops at once: the checkpoint is saved if the state is a step
+        boundary, and nothing is saved inside a step (the last checkpoint is kept whole).
         """
         o = self.options
         if o.device == "cpu" and kernels_need_compiling():
@@ -575,22 +577,28 @@ class Trainer:
             losses: list[float] = []
             try:
                 self._loop(losses, interrupt)
-            except KeyboardInterrupt:
-                if self._in_step:
-                    self.log(f"\nstopped at once inside step {self.step + 1}: nothing saved, so no half-done step "
-                             f"is; {self.checkpoint_path} keeps the last saved step (continue with --resume)")
-                    raise
-                interrupt.requested = True
-            if interrupt.requested:
-                self.log(f"\ninterrupted at step {self.step}: saving a checkpoint (continue with --resume)")
-            try:                                 # a step boundary: safe to save whatever interrupts this
+                if interrupt.requested:
+                    self.log(f"\ninterrupted at step {self.step}: saving a checkpoint (continue with --resume)")
                 if not self.history or self.history[-1]["step"] != self.step:
                     self._record(losses[-o.eval_every:])
-            finally:
                 self.save()
-            result = self.finish()
+                result = self.finish()
+            except KeyboardInterrupt:
+                self._stop_at_once()
+                raise
         result["interrupted"] = interrupt.requested
         return result
+
+    def _stop_at_once(self) -> None:
+        """After a second Ctrl-C: save only a step boundary, and say what is kept."""
+        if self._in_step:
+            self.log(f"\nstopped at once inside step {self.step + 1}: nothing saved, so no half-done step is; "
+                     f"{self.checkpoint_path} keeps the last saved step (continue with --resume)")
+            return
+        if self._saved_step != self.step:
+            self.save()
+        self.log(f"\nstopped at once at step {self.step}: {self.checkpoint_path} holds it (continue with --resume); "
+                 f"the report and montage were not written")
 
     def _loop(self, losses: list[float], interrupt: DeferredInterrupt) -> None:
         o = self.options
