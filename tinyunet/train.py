@@ -17,8 +17,14 @@ every pixel predicted one class for several evaluations, or a channel of the Ker
 A run folder holds: checkpoint.npz (every ``checkpoint_every`` steps, on Ctrl-C and at the
 end; ``resume=True`` continues from it bit-identically), metrics.json, curves.png, the
 validation predictions (probability, mask, overlay) and montage.png (image, truth,
-prediction, overlay side by side). Proof: tests/test_train.py (a tiny run end to end,
-resume, collapse detection).
+prediction, overlay side by side).
+
+Nothing is lost: every option is checked before any work (check_options); a folder that holds
+a run is refused unless ``resume`` (continue it: its own options are restored from its
+checkpoint, and those that would change what it computes are refused) or ``overwrite``;
+Ctrl-C is deferred to the end of the step in progress (DeferredInterrupt), so a checkpoint
+always holds a step boundary. Proofs: tests/test_train.py (a tiny run end to end, resume,
+options, collapse detection), tests/test_interrupts.py (Ctrl-C in every phase of a step).
 """
 from __future__ import annotations
 
