@@ -110,6 +110,9 @@ def test_validation_indices():
     assert parse_indices("20-23", 24) == [20, 21, 22, 23]
     assert parse_indices("last2", 5) == [3, 4]
     assert parse_indices("1,3", 5) == [1, 3]
+    assert parse_indices("3,1,3", 5) == [3, 1]                 # in the order given, each once
+    with pytest.raises(ValueError, match="up to 99999999999 are outside the 24 items"):
+        parse_indices("0-99999999999", 24)
     with pytest.raises(ValueError, match="outside the 24 items"):
         parse_indices("20-25", 24)
 

@@ -87,11 +87,11 @@ class TrainOptions:
     progress: bool = True
 
 
-# ----------------------------------------------------------------------------------- the data
-
 class OptionError(ValueError):
     """An option that cannot be used; the message names the command-line flag and a valid value."""
 
+
+# ----------------------------------------------------------------------------------- the data
 
 VAL_PATTERN = re.compile(r"last\d+|\d+(-\d+)?(,\d+(-\d+)?)*")
 
@@ -119,15 +119,13 @@ def parse_indices(text: str, count: int) -> list[int]:
         return list(range(max(count - k, 0), count))
     indices: list[int] = []
     for part in text.split(","):
-        if "-" in part:
-            first, last = part.split("-")
-            indices.extend(range(int(first), int(last) + 1))
-        elif part:
-            indices.append(int(part))
-    bad = [i for i in indices if not 0 <= i < count]
-    if bad:
-        raise OptionError(f"--val {text}: validation indices {bad} are outside the {count} items (0..{count - 1})")
-    return sorted(set(indices))
+        first, _, last = part.partition("-")
+        first, last = int(first), int(last or first)
+        if last >= count:                   # before the range is built: '0-99999999999' must not fill memory
+            raise OptionError(f"--val {text}: validation indices up to {last} are outside the {count} items "
+                              f"(0..{count - 1})")
+        indices.extend(range(first, last + 1))
+    return list(dict.fromkeys(indices))     # in the order given, each once
 
 
 def _flag(name: str) -> str:
