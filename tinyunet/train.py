@@ -185,9 +185,6 @@ def check_options(o: TrainOptions) -> None:
     check_device_name(o.device)
     integer("synthetic_count", 2)
     integer("synthetic_size", 32)
-    if o.data == "synthetic" and o.crop > o.synthetic_size:
-        raise OptionError(f"--crop {o.crop} is larger than the synthetic slices ({o.synthetic_size} pixels); "
-                          f"use --crop {o.synthetic_size - o.synthetic_size % 2 ** o.depth} or less")
     for name in ("border_weights", "tta", "head_relu", "resume", "overwrite", "progress"):
         if not isinstance(getattr(o, name), (bool, np.bool_)):
             refuse(name, "must be True or False")
@@ -469,6 +466,9 @@ class Trainer:
     def _load_data(self, dataset: Dataset | None) -> tuple[Dataset, Dataset]:
         """(training set, validation set), with the crop checked against the smallest image."""
         o = self.options
+        if dataset is None and o.data == "synthetic" and o.crop > o.synthetic_size:   # before generating it
+            raise OptionError(f"--crop {o.crop} is larger than the synthetic slices ({o.synthetic_size} pixels); "
+                              f"use --crop {o.synthetic_size - o.synthetic_size % 2 ** o.depth} or less")
         if dataset is None:
             dataset = resolve_data(o.data, count=o.synthetic_count, size=o.synthetic_size, seed=o.seed)
             if o.data == "isbi2012" and len(dataset) > ISBI_TRAINING_SLICES:
