@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from tinyunet import checkpoint as checkpoints
 from tinyunet.augment import PRESETS as AUGMENT_PRESETS, Augmenter
-from tinyunet.backend import check_device_name, require_gpu, to_device, to_numpy
+from tinyunet.backend import check_device_name, get_array_module, require_gpu, to_device, to_numpy
 from tinyunet.files import atomic_write
 from tinyunet.data import Dataset, border_weight_map, random_crops, resolve_data
 from tinyunet.infer import predict_probability, save_prediction
@@ -513,7 +513,7 @@ class Trainer:
             weights = to_device(weights, o.device)
         x, t = to_device(images, o.device), to_device(targets, o.device)
         logits = self.model.forward(x)
-        if not bool(np.isfinite(to_numpy(logits)).all()):   # before the update: the weights stay as they were
+        if not bool(get_array_module(logits).isfinite(logits).all()):   # before the update: weights unchanged
             raise FloatingPointError(self._why_not_finite(images, targets))
         loss, dlogits = bce_with_logits(logits, t, weights)
         self.model.backward(dlogits)
