@@ -208,6 +208,9 @@ def test_a_cosine_run_ends_at_the_floor(tmp_path, tiny_data, quick_figures):
     (dict(data="synthetic", crop=512), "--crop 512 is larger than the synthetic slices"),
     (dict(resume=True, overwrite=True), "--resume and --overwrite contradict each other"),
     (dict(data=""), "--data '': must not be empty"),
+    (dict(batch=10 ** 9), r"--batch 1000000000 --crop 32 needs about \d+\.\d GB for one training step.*"
+                          r"lower --batch or --crop"),
+    (dict(synthetic_count=10 ** 7), r"--synthetic-count 10000000 slices of 256 pixels need 5242.9 GB"),
 ])
 def test_every_bad_option_is_refused_before_any_work(tmp_path, changes, message):
     out = tmp_path / "run"
@@ -279,6 +282,14 @@ def test_nan_data_is_blamed_not_the_learning_rate(tmp_path):
     with pytest.raises(FloatingPointError, match=r"the weights hold NaN or infinite values, the run diverged.*"
                                                  r"lower --lr \(now 0.001\)"):
         trainer.train_step()
+
+
+def test_the_step_memory_estimate_is_the_summarys():
+    from tinyunet.train import step_memory_bytes
+    model = UNet(base_width=8, depth=3)
+    line = model.summary((1, 1, 64, 64), print_fn=None).splitlines()[-1]
+    assert f"{step_memory_bytes(model, 1, 64) / 2 ** 20:,.1f} MiB =" in line
+    assert step_memory_bytes(model, 3, 64) > step_memory_bytes(model, 2, 64) > step_memory_bytes(model, 1, 64)
 
 
 def test_the_first_run_says_that_numba_is_compiling(tmp_path, tiny_data, monkeypatch, quick_figures):

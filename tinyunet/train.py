@@ -50,6 +50,7 @@ from tinyunet.infer import predict_probability, save_prediction
 from tinyunet.losses import bce_with_logits
 from tinyunet.metrics import evaluate, report_table
 from tinyunet.optim import Adam
+from tinyunet.layers import Conv2d, Dropout, MaxPool2d, ReLU
 from tinyunet.unet import UNet, UNetConfig
 
 
@@ -370,6 +371,31 @@ class DeferredInterrupt:
         return False
 
 
+def step_memory_bytes(model: UNet, batch: int, crop: int) -> int:
+    """What one training step needs, as UNet.summary estimates it: parameters, gradients and
+    Adam's m and v, what the forward keeps for the backward, and the largest conv workspace.
+    From shapes alone, for one image, the kept part scaled by ``batch`` (it grows linearly;
+    the workspace is capped): nothing is allocated, and a huge batch costs no more to check."""
+    item = model.dtype.itemsize
+    kept = workspace = 0
+    for _, layer, in_shape, out in model.layer_shapes((1, model.config.in_channels, crop, crop)):
+        if isinstance(layer, Conv2d):
+            kept += layer.kept_bytes(in_shape)
+            workspace = max(workspace, layer.workspace_bytes(in_shape))
+        elif isinstance(layer, (ReLU, MaxPool2d)):
+            kept += math.prod(out)                      # a bool mask or an int8 argmax
+        elif isinstance(layer, Dropout):
+            kept += math.prod(out) * item
+    return 4 * model.num_parameters() * item + batch * kept + workspace
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def kernels_need_compiling() -> bool:
     """True on a fresh install: Numba has not yet cached the CPU kernels' machine code, so the
     first steps wait while it compiles them (about a minute; later runs load the cache)."""
@@ -400,6 +426,9 @@ class Trainer:
         self.run_dir = Path(o.out)
         self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
         self._check_run_folder()
+        self.model = UNet(UNetConfig(base_width=o.base_width, depth=o.depth, head_relu=o.head_relu,
+                                     seed=o.seed))
+        self._check_memory()
         self.train_set, self.val_set = self._load_data(dataset)
         # nothing on disk has changed until here
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -407,8 +436,7 @@ class Trainer:
             self.checkpoint_path.unlink()     # a killed new run must not leave the old checkpoint to --resume
             self.log(f"--overwrite: removed the previous run's checkpoint in {self.run_dir}")
 
-        self.model = UNet(UNetConfig(base_width=o.base_width, depth=o.depth, head_relu=o.head_relu,
-                                     seed=o.seed)).to(o.device)
+        self.model.to(o.device)
         self.optimizer = Adam(self.model.parameters(), lr=o.lr)   # after .to(): it holds the arrays
         self.batch_rng = np.random.default_rng([o.seed, 1])
         self.augment = Augmenter(o.augment) if o.augment != "none" else None
@@ -463,12 +491,28 @@ class Trainer:
                               ("its cosine schedule is over; start a new run to train more" if o.lr_schedule == "cosine"
                                else "give a larger --minutes to train on"))
 
+    def _check_memory(self) -> None:
+        """Refuse a --batch/--crop whose training step cannot fit in this machine's memory
+        (it would swap, then be killed), before any work."""
+        o = self.options
+        total = physical_memory_bytes()
+        need = step_memory_bytes(self.model, o.batch, o.crop)
+        if o.device == "cpu" and total is not None and need > total:
+            raise OptionError(f"--batch {o.batch} --crop {o.crop} needs about {need / 1e9:.1f} GB for one training "
+                              f"step of this U-Net, more than this machine's {total / 1e9:.1f} GB; lower --batch "
+                              f"or --crop")
+
     def _load_data(self, dataset: Dataset | None) -> tuple[Dataset, Dataset]:
         """(training set, validation set), with the crop checked against the smallest image."""
         o = self.options
         if dataset is None and o.data == "synthetic" and o.crop > o.synthetic_size:   # before generating it
             raise OptionError(f"--crop {o.crop} is larger than the synthetic slices ({o.synthetic_size} pixels); "
                               f"use --crop {o.synthetic_size - o.synthetic_size % 2 ** o.depth} or less")
+        total = physical_memory_bytes()
+        need = o.synthetic_count * o.synthetic_size ** 2 * 8          # float32 image and target
+        if dataset is None and o.data == "synthetic" and total is not None and need > total / 2:
+            raise OptionError(f"--synthetic-count {o.synthetic_count} slices of {o.synthetic_size} pixels need "
+                              f"{need / 1e9:.1f} GB, more than half this machine's {total / 1e9:.1f} GB; generate fewer")
         if dataset is None:
             dataset = resolve_data(o.data, count=o.synthetic_count, size=o.synthetic_size, seed=o.seed)
             if o.data == "isbi2012" and len(dataset) > ISBI_TRAINING_SLICES:
