@@ -250,7 +250,7 @@ def test_load_model_reads_every_format_by_content(tmp_path):
         assert detect_format(renamed) == kind
         assert same_parameters(load_model(renamed), model)
     (tmp_path / "notes.txt").write_text("not a model")
-    with pytest.raises(FormatError, match="not a model file tinyunet reads"):
+    with pytest.raises(FormatError, match="is not a tinyunet checkpoint .* nor a model file tinyunet reads"):
         load_model(tmp_path / "notes.txt")
     with pytest.raises(FileNotFoundError, match="no checkpoint or model file"):
         load_model(tmp_path / "missing.h5")

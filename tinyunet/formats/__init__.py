@@ -40,8 +40,10 @@ def detect_format(path) -> str:
         size = int.from_bytes(head[:8], "little")
         if 2 <= size <= path.stat().st_size - 8:
             return "safetensors"
-    raise FormatError(f"{str(path)!r} is not a model file tinyunet reads: not a tinyunet checkpoint (.npz), "
-                      f"a Keras HDF5/.keras file, or safetensors (first bytes {head[:8]!r})")
+    from tinyunet.checkpoint import _describe_start
+    raise FormatError(f"{str(path)!r} is not a tinyunet checkpoint ({_describe_start(head)}) nor a model file "
+                      f"tinyunet reads (a Keras HDF5/.keras file or safetensors); give the checkpoint.npz that "
+                      f"train_membranes.py writes into its run folder")
 
 
 def load_model(path, model=None):
