@@ -12,8 +12,17 @@ gives the median, the ratio tinyunet / PyTorch, and the peak memory.
     python examples/bench_unet.py --device gpu            # CuPy against PyTorch with cuDNN
 
 ``--rounds R`` alternates tinyunet and PyTorch processes R times per size and pools their
-step times: on a shared, noisy machine that spreads the noise over both. On the GPU the peak
-is the bytes held by each framework's memory pool (CuPy's pool, torch.cuda.max_memory_reserved).
+step times: on a shared, noisy machine that spreads the noise over both.
+
+On the GPU (``--device gpu``):
+* memory is each framework's GPU memory pool at its PEAK over the warm-up step: the bytes in
+  use by arrays (CuPy's pool through tinyunet.backend.GpuMemoryPeak; PyTorch's
+  max_memory_allocated) and the bytes the pool held (max_memory_reserved), not what is held at
+  the end; the host RSS is printed but not compared (it measures the host side only);
+* float32 on both sides and TF32 OFF on both: PyTorch's matmul and cuDNN convolutions would
+  use TF32 by default, CuPy's GEMMs only with CUPY_TF32=1 (the workers get CUPY_TF32=0);
+  cuDNN's benchmark mode is on (it picks the fastest algorithm for each shape);
+* every clock read follows a synchronisation of the device (the launches are asynchronous).
 Figures: examples/RESULTS.md.
 """
 from __future__ import annotations
@@ -72,12 +81,31 @@ def tinyunet_step_fn(size: int, batch: int, device: str):
         _, dlogits = bce_with_logits(model.forward(x), target)
         model.backward(dlogits)
         optimizer.step(model.gradients())
+
+    def sync():
         synchronize(x)
 
-    def gpu_peak():
-        import cupy  # examples may import CuPy directly; the library reaches it via tinyunet.backend
-        return cupy.get_default_memory_pool().total_bytes()
-    return step, (gpu_peak if device == "gpu" else None)
+    def measured_step() -> dict:
+        """One step with CuPy's pool watched (not timed: the watch costs a call per allocation)."""
+        from tinyunet.backend import GpuMemoryPeak
+        with GpuMemoryPeak() as peak:
+            step()
+            sync()
+        return {"gpu_peak_used": peak.peak_used, "gpu_peak_held": peak.peak_held}
+    return step, sync, (measured_step if device == "gpu" else None)
+
+
+def torch_fp32_exact(torch) -> dict:
+    """TF32 off for PyTorch's matmul and cuDNN convolutions, cuDNN's benchmark mode on; returns
+    the settings as they are afterwards, for the report."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("highest")
+    return {"matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +150,7 @@ def torch_step_fn(size: int, batch: int, device: str):
 
     dev = torch.device("cuda" if device == "gpu" else "cpu")
     if device == "gpu":
-        torch.backends.cudnn.benchmark = True
+        torch_fp32_exact(torch)
     torch.manual_seed(0)
     model = KerasUNet().to(dev).train()
     assert sum(p.numel() for p in model.parameters()) == 31_031_685
@@ -135,10 +163,17 @@ def torch_step_fn(size: int, batch: int, device: str):
         loss = F.binary_cross_entropy_with_logits(model(x), target)
         loss.backward()
         optimizer.step()
+
+    def sync():
         if device == "gpu":
             torch.cuda.synchronize()
 
-    return step, ((lambda: torch.cuda.max_memory_reserved()) if device == "gpu" else None)
+    def measured_step() -> dict:
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        sync()
+        return {"gpu_peak_used": torch.cuda.max_memory_allocated(), "gpu_peak_held": torch.cuda.max_memory_reserved()}
+    return step, sync, (measured_step if device == "gpu" else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,31 +190,85 @@ def worker(framework: str, size: int, batch: int, steps: int, device: str, conv_
     else:
         import torch  # noqa: F401
     rss_start = current_rss()
-    step, gpu_peak = make(size, batch, device)
+    step, sync, measured_step = make(size, batch, device)
     rss_model = current_rss()
-    step()                                          # warm-up: compilation, first allocations
+    gpu = {}
+    if measured_step is not None:
+        gpu = measured_step()                       # warm-up, with the GPU memory pool watched
+    else:
+        step()                                      # warm-up: compilation, first allocations
     times = []
     for _ in range(steps):
+        sync()                                      # the clock starts on an idle device ...
         start = time.perf_counter()
         step()
+        sync()                                      # ... and stops when the step's work is done
         times.append(time.perf_counter() - start)
     result = {"framework": framework, "size": size, "batch": batch, "device": device, "times": times,
               "peak_rss": peak_rss(), "rss_after_imports": rss_start, "rss_after_model": rss_model,
               "tinyunet_imported": "tinyunet" in sys.modules,
-              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
-    if gpu_peak is not None:
-        result["gpu_peak"] = gpu_peak()
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), **gpu}
+    if device == "gpu":
+        result.update(gpu_settings(framework))
     return result
+
+
+def gpu_settings(framework: str) -> dict:
+    """The card's name and the float32 settings this worker ran with, for the report."""
+    if framework == "torch":
+        import torch
+        return {"gpu_name": torch.cuda.get_device_name(), "tf32": torch_fp32_exact(torch)}
+    import cupy
+    return {"gpu_name": cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode(),
+            "tf32": {"CUPY_TF32": os.environ.get("CUPY_TF32", "unset (off)")}}
 
 
 def run_worker(framework, size, args) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--size", str(size),
                "--batch", str(args.batch), "--steps", str(args.steps), "--device", args.device,
                "--conv-method", args.conv_method]
-    done = subprocess.run(command, capture_output=True, text=True, env=STARTING_ENVIRONMENT)
+    # CUPY_TF32=0: CuPy's float32 GEMMs stay float32 (PyTorch's side: torch_fp32_exact)
+    done = subprocess.run(command, capture_output=True, text=True, env={**STARTING_ENVIRONMENT, "CUPY_TF32": "0"})
     if done.returncode != 0:
         raise RuntimeError(f"the {framework} benchmark at {size}x{size} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report_lines(size: int, batch: int, device: str, pooled: dict, runs: dict) -> list[str]:
+    """The printed lines for one size: per framework the median step time and its peak memory,
+    then the ratios tinyunet / PyTorch. pooled: {framework: [step seconds]}; runs: {framework:
+    [worker results]}. On the GPU the memory compared is the GPU pool's peak (in use, and
+    held); the host RSS is shown for information and never compared."""
+    lines = []
+    for framework, times in pooled.items():
+        peak = max(runs[framework], key=lambda r: r["peak_rss"])
+        line = (f"{framework:>8}  {size}x{size}  batch {batch}  median {1000 * statistics.median(times):8.1f} ms"
+                f"  (min {1000 * min(times):.1f}, max {1000 * max(times):.1f}, n={len(times)})")
+        if device == "gpu":
+            used = max(r["gpu_peak_used"] for r in runs[framework])
+            held = max(r["gpu_peak_held"] for r in runs[framework])
+            line += (f"  GPU peak {used / 1e9:.2f} GB in use, {held / 1e9:.2f} GB held by the pool"
+                     f"  (host RSS {peak['peak_rss'] / 1e9:.2f} GB, not compared)")
+        else:
+            line += (f"  peak RSS {peak['peak_rss'] / 1e9:.2f} GB"
+                     f" (+{(peak['peak_rss'] - peak['rss_after_imports']) / 1e9:.2f} GB over imports)")
+        lines.append(line)
+    if "tinyunet" in pooled and "torch" in pooled:
+        ratio = statistics.median(pooled["tinyunet"]) / statistics.median(pooled["torch"])
+        if device == "gpu":
+            def most(framework, key):
+                return max(r[key] for r in runs[framework])
+            memory = (f"GPU peak in use tinyunet/torch {most('tinyunet', 'gpu_peak_used') / most('torch', 'gpu_peak_used'):.2f}x"
+                      f", held {most('tinyunet', 'gpu_peak_held') / most('torch', 'gpu_peak_held'):.2f}x")
+        else:
+            memory = (f"peak RSS tinyunet/torch "
+                      f"{max(r['peak_rss'] for r in runs['tinyunet']) / max(r['peak_rss'] for r in runs['torch']):.2f}x")
+        lines.append(f"   ratio  {size}x{size}  time tinyunet/torch {ratio:.2f}x   {memory}")
+    if device == "gpu":
+        settings = {framework: (runs[framework][0].get("gpu_name"), runs[framework][0].get("tf32")) for framework in runs}
+        lines.append("   GPU and float32 settings: " + "; ".join(f"{f}: {name}, {tf32}" for f, (name, tf32) in settings.items())
+                     + "  (TF32 off on both sides; cuDNN benchmark mode on)")
+    return lines
 
 
 def _version(name: str) -> str:
@@ -254,20 +343,8 @@ def main(argv=None):
                 results.append(r)
                 pooled[framework] += r["times"]
                 peaks[framework].append(r)
-        for framework in frameworks:
-            times = pooled[framework]
-            peak = max(peaks[framework], key=lambda r: r["peak_rss"])
-            line = (f"{framework:>8}  {size}x{size}  batch {args.batch}  median {1000 * statistics.median(times):8.0f} ms"
-                    f"  (min {1000 * min(times):.0f}, max {1000 * max(times):.0f}, n={len(times)})"
-                    f"  peak RSS {peak['peak_rss'] / 1e9:.2f} GB"
-                    f" (+{(peak['peak_rss'] - peak['rss_after_imports']) / 1e9:.2f} GB over imports)")
-            if "gpu_peak" in peak:
-                line += f"  GPU pool {peak['gpu_peak'] / 1e9:.2f} GB"
+        for line in report_lines(size, args.batch, args.device, pooled, peaks):
             print(line)
-        if "tinyunet" in pooled and "torch" in pooled:
-            ratio = statistics.median(pooled["tinyunet"]) / statistics.median(pooled["torch"])
-            mem = (max(r["peak_rss"] for r in peaks["tinyunet"]) / max(r["peak_rss"] for r in peaks["torch"]))
-            print(f"   ratio  {size}x{size}  time tinyunet/torch {ratio:.2f}x   peak RSS tinyunet/torch {mem:.2f}x")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=1)

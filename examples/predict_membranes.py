@@ -12,9 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 
 def read_inputs(paths):
-    """[(name, (H, W) image in [0, 1])] from a folder, a TIFF stack, or single image files."""
+    """[(name, (H, W) image in [0, 1], source)] from folders, TIFF stacks or single image files."""
     from tinyunet.data import load_tiff_stack, read_image, resolve_data
     items = []
     for text in paths:
@@ -24,41 +26,87 @@ def read_inputs(paths):
         elif path.suffix.lower() in (".tif", ".tiff"):
             dataset = load_tiff_stack(path)
         elif path.is_file():
-            items.append((path.stem, read_image(path)))
+            items.append((path.stem, read_image(path), str(path)))
             continue
         else:
             raise FileNotFoundError(f"{path} does not exist: give a folder, a TIFF stack or image files")
-        items.extend(zip(dataset.names, dataset.images))
+        items.extend((name, image, f"{path} ({name})") for name, image in zip(dataset.names, dataset.images))
     return items
+
+
+def unique_items(items, out) -> list:
+    """The items without repeats: the same image given twice (a file and its folder) is predicted
+    once; two different images that would write the same NAME_*.png files are refused."""
+    first, kept = {}, []
+    for name, image, source in items:
+        if name in first:
+            earlier_image, earlier_source = first[name]
+            if earlier_image.shape == image.shape and np.array_equal(earlier_image, image):
+                continue
+            raise ValueError(f"two inputs would write the same files {Path(out) / name}_*.png: {earlier_source} "
+                             f"and {source}; predict them into separate --out folders, or rename one")
+        first[name] = (image, source)
+        kept.append((name, image, source))
+    return kept
+
+
+def bounded(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: a number of ``kind`` within [low, high] (or the open ends), else a one-line error."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole number' if kind is int else 'number'}")
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if below or above or value != value:
+            left = "(" if low_open else "["
+            right = ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(f"{text} is outside {left}{low if low is not None else '-inf'}, "
+                                             f"{high if high is not None else 'inf'}{right}")
+        return value
+    return parse
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("checkpoint", help="a checkpoint.npz written by train_membranes.py")
+    parser.add_argument("checkpoint", help="a checkpoint.npz written by train_membranes.py, or a Keras "
+                        "unet_membrane.hdf5 (.h5, .keras) or .safetensors file")
     parser.add_argument("inputs", nargs="+", help="folders, TIFF stacks or image files")
     parser.add_argument("--out", default="predictions", help="output folder")
-    parser.add_argument("--threshold", type=float, default=0.5, help="membrane probability threshold")
+    parser.add_argument("--threshold", type=bounded(float, 0, 1, low_open=True, high_open=True), default=0.5,
+                        help="membrane probability threshold, strictly between 0 and 1")
     parser.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
-    parser.add_argument("--tile", type=int, default=None, help="tile side (default: whole image if it fits)")
-    parser.add_argument("--margin", type=int, default=32, help="context kept around each tile")
+    parser.add_argument("--tile", type=bounded(int, 16), default=None,
+                        help="tile side (default: whole image if it fits)")
+    parser.add_argument("--margin", type=bounded(int, 0), default=32, help="context kept around each tile")
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     args = parser.parse_args(argv)
 
     from tqdm import tqdm
 
-    from tinyunet.backend import DeviceError
-    from tinyunet.checkpoint import load_checkpoint
+    from tinyunet.backend import DeviceError, require_gpu
+    from tinyunet.formats import load_model
     from tinyunet.infer import predict_probability, save_prediction
     try:
-        model = load_checkpoint(args.checkpoint).model.to(args.device).eval()
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a file, not a folder; choose another --out")
+        if args.device == "gpu":
+            require_gpu()
+        model = load_model(args.checkpoint).to(args.device).eval()     # .npz, Keras HDF5 or safetensors
         items = read_inputs(args.inputs)
-        for name, image in tqdm(items, desc="predicting", unit="image"):
+        items = unique_items(items, args.out)
+        for name, image, _ in tqdm(items, desc="predicting", unit="image"):
             probability = predict_probability(model, image, tile=args.tile, margin=args.margin, tta=args.tta)
             save_prediction(image, probability, args.out, name, args.threshold)
-    except (ValueError, OSError, DeviceError) as error:
+    except (ValueError, OSError, DeviceError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stopped by Ctrl-C: the predictions written so far are whole (each file is written atomically)",
+              file=sys.stderr)
+        return 130
     print(f"wrote {3 * len(items)} files for {len(items)} images to {args.out}")
     return 0
 

@@ -7,7 +7,9 @@
     mpiexec -n 2 python examples/train_membranes.py --batch 1     # 2 processes, data-parallel (".[mpi]")
 
 Everything lands in the run folder (--out): checkpoint.npz, metrics.json, curves.png,
-montage.png, predictions/ and report.txt. Ctrl-C saves a checkpoint; --resume continues.
+montage.png, predictions/ and report.txt. A folder that holds a run is kept: continue it with
+--resume (its own options are restored), or replace it with --overwrite. Ctrl-C stops at the
+end of the step in progress and saves; --resume then continues bit-identically.
 The library side is tinyunet/train.py.
 """
 import argparse
@@ -22,7 +24,10 @@ def set_threads(argv) -> None:
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--threads", type=int, default=None)
     threads = early.parse_known_args(argv)[0].threads
-    if threads is None and launched_size() > 1:
+    if threads is not None and threads < 1:
+        print(f"error: --threads {threads}: give at least 1 (or leave it out to use every core)", file=sys.stderr)
+        raise SystemExit(2)
+    if threads is None and launched_size() > 1:      # under mpiexec: this host's cores shared by its ranks
         threads = threads_per_rank()
     if threads:
         for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
@@ -60,9 +65,24 @@ def build_parser(d):
     add("--no-head-relu", action="store_true", help="remove the ReLU before the sigmoid (the exact Keras "
         "head keeps it; removing it avoids a dead head)")
     add("--synthetic-count", type=int, default=d.synthetic_count, help="synthetic slices to generate")
-    add("--resume", action="store_true", help="continue from the checkpoint in --out")
+    add("--resume", action="store_true", help="continue the run in --out with its own options (from its "
+        "checkpoint); options that change what it computes are refused")
+    add("--overwrite", action="store_true", help="replace the run in --out (without this or --resume, a "
+        "folder holding a run is refused)")
     add("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def given_options(parser, argv) -> dict:
+    """The options typed on the command line, and only those, as TrainOptions fields."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    values = vars(parser.parse_args(argv))
+    values.pop("threads", None)
+    for flag, name in (("no_head_relu", "head_relu"), ("no_progress", "progress")):
+        if flag in values:
+            values[name] = not values.pop(flag)
+    return values
 
 
 def main(argv=None) -> int:
@@ -70,30 +90,46 @@ def main(argv=None) -> int:
     set_threads(argv)
     from tinyunet import distributed
     from tinyunet.backend import DeviceError
-    from tinyunet.train import TrainOptions, train
-    args = build_parser(TrainOptions()).parse_args(argv)
-    options = TrainOptions(
-        data=args.data, val=args.val, out=args.out, steps=args.steps, minutes=args.minutes, crop=args.crop,
-        batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule, augment=args.augment,
-        border_weights=args.border_weights,
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, threshold=args.threshold,
-        tta=args.tta, seed=args.seed, device=args.device, base_width=args.base_width, depth=args.depth,
-        head_relu=not args.no_head_relu, synthetic_count=args.synthetic_count, resume=args.resume,
-        progress=not args.no_progress)
+    from tinyunet.train import TrainOptions, resume_options, train
+    parser = build_parser(TrainOptions())
+    args = parser.parse_args(argv)
     comm = None
     try:
         comm = distributed.world()        # None in one process: then nothing of MPI is imported
+        if args.resume and args.overwrite:
+            raise ValueError(f"--resume and --overwrite contradict each other: --resume continues the run in "
+                             f"{args.out}, --overwrite replaces it; give one")
+        if args.resume:       # the run's own options, from its checkpoint, with what was typed on top
+            given = given_options(build_parser(TrainOptions()), argv)
+            options = (resume_options(args.out, given) if comm is None    # MPI: every rank reads it, all agree
+                       else comm.together(resume_options, args.out, given))
+        else:
+            options = TrainOptions(
+                data=args.data, val=args.val, out=args.out, steps=args.steps, minutes=args.minutes, crop=args.crop,
+                batch=args.batch, lr=args.lr, lr_schedule=args.lr_schedule, augment=args.augment,
+                border_weights=args.border_weights,
+                eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, threshold=args.threshold,
+                tta=args.tta, seed=args.seed, device=args.device, base_width=args.base_width, depth=args.depth,
+                head_relu=not args.no_head_relu, synthetic_count=args.synthetic_count, resume=False,
+                overwrite=args.overwrite, progress=not args.no_progress)
         train(options, comm=comm)
-    except distributed.DistributedError as error:         # raised on every rank together
+    except distributed.DistributedError as error:         # MPI: raised on every rank together (bad input too)
         if comm is None or comm.is_root:
             print(f"error: {error}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:   # the loss is the mean over ranks: under MPI every rank raises it
+        if comm is None or comm.is_root:
+            print(f"error: {error}", file=sys.stderr)
+        return 1
     except (ValueError, OSError, DeviceError) as error:   # bad input: the message says what to do
-        if comm is not None:              # raised on this rank only, maybe: stop them all, naming it
+        if comm is not None:              # MPI: raised on this rank only, maybe: stop them all, naming it
             comm.abort(error)
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except Exception as error:            # a bug, on one rank maybe: its traceback, then stop them all
+    except KeyboardInterrupt:   # a second Ctrl-C: train() has said what was kept
+        print("stopped by Ctrl-C", file=sys.stderr)
+        return 130
+    except Exception as error:            # MPI: a bug, on one rank maybe: its traceback, then stop them all
         if comm is not None:
             import traceback
             traceback.print_exc()

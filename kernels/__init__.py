@@ -11,7 +11,8 @@ Implementations, one signature each (see reference.py for the column layout)::
     cuda       Numba CUDA kernels, CuPy arrays                    kernels/cuda.py
 
 Automatic dispatch: a NumPy array goes to ``cpu`` (to ``reference`` where Numba does not
-import), a CuPy array to ``cuda`` (to ``reference`` where Numba's CUDA target cannot be used).
+import), a CuPy array to ``cuda`` (to ``reference`` where Numba's CUDA target cannot be used:
+then a KernelFallbackWarning says so once, with the reason; kernels.available() has it too).
 
 Forcing one, for benchmarks or to step through the simplest version while learning:
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import warnings
 
 from tinyunet.backend import is_gpu_array
 
@@ -85,12 +87,30 @@ def using(name: str | None):
         use(previous)
 
 
+class KernelFallbackWarning(RuntimeWarning):
+    """GPU arrays are served by the slower reference kernels: the CUDA ones cannot be used."""
+
+
+_warned_fallback = False
+
+
+def _gpu_fallback():
+    """reference, for GPU arrays when the CUDA kernels cannot load; says so once, with why."""
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(f"tinyunet.kernels: CuPy arrays go to the reference kernels (array slicing, "
+                      f"several times slower), because the CUDA kernels cannot be used: "
+                      f"{_import_errors.get('cuda')}", KernelFallbackWarning, stacklevel=3)
+    return reference
+
+
 def implementation_for(array):
     """The module that serves ``array``: the forced one, or the best for its type."""
     if _forced is not None:
         return _modules[_forced]
     if is_gpu_array(array):
-        return _load("cuda") or reference
+        return _load("cuda") or _gpu_fallback()
     return _load("cpu") or reference
 
 
@@ -107,5 +127,5 @@ def col2im(cols, x_shape, kernel, padding, stride, out=None):
 if os.environ.get(ENVIRONMENT_VARIABLE):
     use(os.environ[ENVIRONMENT_VARIABLE])
 
-__all__ = ["im2col", "col2im", "use", "using", "forced", "available", "implementation_for",
+__all__ = ["KernelFallbackWarning", "im2col", "col2im", "use", "using", "forced", "available", "implementation_for",
            "normalize", "cols_shape", "check_out", "IMPLEMENTATIONS", "ENVIRONMENT_VARIABLE"]

@@ -44,6 +44,13 @@ this machine allows in this run.
 A second table, "conv methods", times forward+backward of every shape with the Numba kernels
 under each conv method; tinyunet's "auto" rule (tinyunet/layers/conv.py) was chosen from it.
 
+On a GPU (``--device gpu``): float32 on every side with TF32 OFF (PyTorch's matmul and cuDNN
+would use it by default: gpu_float32_settings turns it off and cuDNN's benchmark mode on;
+CuPy's GEMMs use it only under CUPY_TF32=1, which the table states); every clock read follows a
+synchronisation of CuPy's stream and PyTorch's; and for each conv forward+backward the memory
+it needs on the GPU beyond what was in use before it, at its peak (gpu_memory_above_inputs: the
+CuPy pool's peak through tinyunet.backend.GpuMemoryPeak, PyTorch's max_memory_allocated).
+
 Writes results.json, results.png and results.md into ``--out`` (default bench_out/).
 """
 from __future__ import annotations
@@ -308,6 +315,40 @@ class Case:
         return forward_backward
 
 
+# -- the GPU: float32 settings and memory ------------------------------------------------------
+
+def gpu_float32_settings(torch) -> dict:
+    """TF32 off for PyTorch (matmul and cuDNN), cuDNN's benchmark mode on, CuPy's TF32 state as
+    set by CUPY_TF32: the settings as they are afterwards, for the report."""
+    settings = {"CUPY_TF32": os.environ.get("CUPY_TF32", "unset (off)")}
+    if torch is not None:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+        settings.update(torch_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+                        torch_cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                        torch_cudnn_benchmark=torch.backends.cudnn.benchmark)
+    return settings
+
+
+def gpu_memory_above_inputs(fn, sync, torch=None) -> int:
+    """Bytes that one call of ``fn`` needs on the GPU beyond those in use before it, at its
+    peak: PyTorch's allocator when ``torch`` is given, else CuPy's pool (watched, so not timed)."""
+    if torch is not None:
+        sync()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        sync()
+        return int(torch.cuda.max_memory_allocated() - before)
+    sync()
+    with backend.GpuMemoryPeak() as peak:
+        before = peak.peak_used
+        fn()
+        sync()
+    return int(peak.peak_used - before)
+
+
 # -- running, reporting ---------------------------------------------------------------------
 
 def run(args) -> dict:
@@ -323,6 +364,7 @@ def run(args) -> dict:
     if device == "gpu" and torch is not None:
         sync = lambda: (backend.synchronize(), torch.cuda.synchronize())  # noqa: E731
     impls = implementations(device, with_torch=not args.no_torch)
+    gpu_settings = gpu_float32_settings(None if args.no_torch else torch) if device == "gpu" else None
     shapes = unet_shapes(args.size, args.batch, args.base_width)
     xp = backend.get_array_module(backend.to_device(np.zeros(1), device))
     peaks = measure_peaks(xp, sync, args.repeats)
@@ -337,6 +379,9 @@ def run(args) -> dict:
             medians = time_side_by_side({i.name: case.function(i, op) for i in impls}, args.repeats, sync, args.settle)
             for impl in impls:
                 rows.append(_row(shape, op, impl.name, medians, peaks))
+                if device == "gpu" and op == "forward+backward":
+                    rows[-1]["gpu_mb_above_inputs"] = gpu_memory_above_inputs(
+                        case.function(impl, op), sync, torch if impl.name == "torch" else None) / 2**20
             progress.update()
         if methods:
             progress.set_postfix_str(f"{shape.label} methods")
@@ -356,7 +401,10 @@ def run(args) -> dict:
         del case
         conv_module.release_workspace()
     progress.close()
-    return dict(meta=_meta(args, impls, device), peaks=peaks, rows=rows, methods=method_rows,
+    meta = _meta(args, impls, device)
+    if gpu_settings is not None:
+        meta.update(gpu=backend.gpu_name(), float32=gpu_settings)
+    return dict(meta=meta, peaks=peaks, rows=rows, methods=method_rows,
                 totals=_totals(rows, shapes, impls), headline=_headline(rows, shapes, impls, peaks))
 
 
@@ -460,8 +508,25 @@ def table(result: dict) -> str:
             cells = [("" if k not in m["ms"] else f"{m['ms'][k]:.1f}" + (" *" if k == m["chosen"] else ""))
                      for k in names]
             lines.append(f"| {m['shape']} (x{m['count']}) | " + " | ".join(cells) + " |")
+    lines += gpu_lines(result)
     lines += [""] + headline_lines(result)
     return "\n".join(lines)
+
+
+def gpu_lines(result: dict) -> list[str]:
+    """On a GPU run: the card, the float32 settings, and each conv's forward+backward memory."""
+    meta = result["meta"]
+    if meta["device"] != "gpu":
+        return []
+    lines = ["", f"GPU: {meta.get('gpu')}; float32 settings: {meta.get('float32')} (TF32 off on every side)", "",
+             "GPU memory of one conv forward+backward beyond its inputs, at its peak (MB):", "",
+             "| shape (layers) | " + " | ".join(meta["implementations"]) + " |",
+             "|---|" + "---:|" * len(meta["implementations"])]
+    for shape in dict.fromkeys(r["shape"] for r in result["rows"]):
+        mb = {r["impl"]: r["gpu_mb_above_inputs"] for r in result["rows"]
+              if r["shape"] == shape and r["op"] == "forward+backward" and "gpu_mb_above_inputs" in r}
+        lines.append(f"| {shape} | " + " | ".join(f"{mb[i]:.1f}" if i in mb else "" for i in meta["implementations"]) + " |")
+    return lines
 
 
 def headline_lines(result: dict) -> list[str]:

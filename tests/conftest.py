@@ -7,12 +7,23 @@ The Numba CUDA kernels are tested on every machine: where no CUDA driver is inst
 Numba's CUDA simulator runs them (one Python thread per CUDA thread, so tests keep their
 inputs tiny). The variable must be set before Numba is first imported, hence here, at the top
 of the first file pytest loads; set NUMBA_ENABLE_CUDASIM=0 yourself to skip those tests.
+
+Numba's low-occupancy warning is switched off for the tests, here and for the same reason of
+timing. On a real GPU, Numba warns (NumbaPerformanceWarning) at every launch of fewer than 128
+blocks; the tests launch tiny grids on purpose, and setup.cfg turns every warning into an error,
+so each GPU kernel test would fail on advice meant for production sizes (the simulator never
+warns, so the CPU runs cannot show it). A filter cannot do it: pytest puts setup.cfg's "error"
+in front of any filter installed at import, and setup.cfg must not name a Numba class (that
+would import Numba before the simulator switch above). The variable is read once, when Numba
+loads its configuration, hence before any import of Numba. Every other Numba warning still
+fails a test. Proof: tests/test_kernels_cuda.py::test_low_occupancy_warning_is_off_in_tests.
 """
 import ctypes.util
 import os
 
 if "NUMBA_ENABLE_CUDASIM" not in os.environ and ctypes.util.find_library("cuda") is None:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -39,6 +39,65 @@ def test_asking_for_the_gpu_without_a_device_says_so(monkeypatch):
         backend.require_gpu()
 
 
+def fake_cupy_module(kernel_error=None, available=True):
+    """A stand-in CuPy whose device answers, and whose first kernel works (NumPy does the
+    arithmetic) or fails with ``kernel_error``; counts the kernels it was asked to run."""
+    import types
+    cupy = types.ModuleType("fake_cupy")
+    cupy.ndarray = type("ndarray", (), {})
+    cupy.int32 = np.int32
+    cupy.launched = 0
+    cupy.cuda = types.SimpleNamespace(is_available=lambda: available)
+
+    def arange(*args, **kwargs):
+        cupy.launched += 1
+        if kernel_error is not None:
+            raise kernel_error
+        return np.arange(*args, **kwargs)
+    cupy.arange = arange
+    return cupy
+
+
+def test_the_gpu_check_runs_a_kernel_not_only_counts_devices(monkeypatch):
+    """A device that answers is not enough: CuPy also needs NVRTC and the CUDA runtime to run
+    its first kernel. The check runs one, once per CuPy module, and says what failed."""
+    broken = fake_cupy_module(RuntimeError("CuPy failed to load libnvrtc.so.12"))
+    monkeypatch.setattr(backend, "_cupy", broken)
+    assert not backend.gpu_available()
+    with pytest.raises(DeviceError, match=r"cannot run on it \(a first CUDA kernel failed: RuntimeError: "
+                                          r"CuPy failed to load libnvrtc.so.12\).*pip install -e"):
+        backend.require_gpu()
+    working = fake_cupy_module()
+    monkeypatch.setattr(backend, "_cupy", working)
+    assert backend.gpu_available() and backend.gpu_available()
+    assert working.launched == 1, "the check's answer is kept: synchronize() asks on every call"
+    monkeypatch.setattr(backend, "_cupy", fake_cupy_module(available=False))
+    with pytest.raises(DeviceError, match="no CUDA device"):
+        backend.require_gpu()
+
+
+def test_release_gpu_memory_frees_the_cached_blocks(monkeypatch):
+    cupy = fake_cupy_module()
+    pools = {"device": {"held": 700, "used": 200}, "pinned": {"freed": False}}
+
+    class Pool:
+        def total_bytes(self):
+            return pools["device"]["held"]
+
+        def free_all_blocks(self):
+            pools["device"]["held"] = pools["device"]["used"]
+
+    class PinnedPool:
+        def free_all_blocks(self):
+            pools["pinned"]["freed"] = True
+    cupy.get_default_memory_pool = Pool
+    cupy.get_default_pinned_memory_pool = PinnedPool
+    monkeypatch.setattr(backend, "_cupy", cupy)
+    assert backend.release_gpu_memory() == 500 and pools["pinned"]["freed"]
+    monkeypatch.setattr(backend, "_cupy", None)
+    assert backend.release_gpu_memory() == 0
+
+
 def test_unknown_device_name():
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         backend.to_device(np.zeros(1), "tpu")

@@ -181,3 +181,140 @@ def test_bad_arguments(tmp_path):
         save_checkpoint(tmp_path / "x.npz", model, rngs={"data": 3})
     with pytest.raises(TypeError, match="JSON"):
         save_checkpoint(tmp_path / "x.npz", model, extra={"f": object()})
+
+
+# ------------------------------------------------------------------ hostile and damaged files
+
+def rewrite(path, out, meta_changes=None, array_changes=None, drop=()):
+    """A copy of checkpoint ``path`` at ``out`` with its JSON and arrays edited."""
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.keys()}
+    meta = json.loads(str(arrays["__tinyunet__"]))
+    for key, value in (meta_changes or {}).items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    arrays["__tinyunet__"] = np.array(json.dumps(meta))
+    arrays.update(array_changes or {})
+    for name in drop:
+        arrays.pop(name)
+    np.savez(out, **arrays)
+    return out
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(padding="valid"), dict(head_relu=False, depth=1),
+                                       dict(in_channels=3, base_width=2, depth=3, dropout=0.0)])
+def test_parameter_shapes_match_the_model(overrides):
+    model = small_model(**overrides)
+    shapes = checkpoint_module.parameter_shapes(model.config)
+    assert shapes == {name: tuple(p.shape) for name, p in model.parameters().items()}
+
+
+@pytest.mark.parametrize("config_change, message", [
+    ({"depth": 200}, "depth 200 is more than this tinyunet builds"),
+    ({"base_width": 100000}, "means 4,540,005,000,005 parameters, more than tinyunet loads"),
+    ({"depth": "4"}, "depth must be an int"),
+    ({"colour": 1}, "saved config cannot be read"),
+])
+def test_a_hostile_config_is_refused_before_anything_is_allocated(tmp_path, config_change, message):
+    good = save_checkpoint(tmp_path / "good.npz", small_model())
+    config = {**json.loads(small_model().config.to_json()), **config_change}
+    bad = rewrite(good, tmp_path / "bad.npz", {"config": config})
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(bad)
+
+
+def test_a_header_that_declares_more_than_is_stored_is_refused(tmp_path):
+    good = save_checkpoint(tmp_path / "good.npz", small_model())
+    forged = tmp_path / "forged.npz"
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(forged, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename == "param/down1.conv1.bias.npy":    # claims 10**12 floats, stores 4
+                data = data.replace(b"(4,)", b"(1000000000000,)")
+            target.writestr(info.filename, data)
+    with pytest.raises(CheckpointError, match=r"param/down1.conv1.bias.*declares \(1000000000000,\) float32 but "
+                                              r"stores \d+ bytes: truncated or corrupt"):
+        load_checkpoint(forged)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(meta_changes={"step": None}), "the step is None, not an integer >= 0"),
+    (dict(meta_changes={"step": -3}), "the step is -3"),
+    (dict(meta_changes={"config": None}), "the model config is missing"),
+    (dict(meta_changes={"rngs": {"data": {"bit_generator": "PCG64", "state": "x"}}}),
+     r"rngs\['data'\]: the saved state is not a valid PCG64 state"),
+    (dict(meta_changes={"model_rngs": {"down2.dropout": 7, "bottom.dropout": 7}}),
+     "dropout generator 'down2.dropout': the saved state is not a valid PCG64 state"),
+    (dict(array_changes={"param/down1.conv1.bias": np.array(["a", "b", "c", "d"])}),
+     "param/down1.conv1.bias: the config means float32, the file holds <U1"),
+    (dict(array_changes={"param/extra": np.zeros(3, np.float32)}), "param/extra: not part of"),
+    (dict(drop=["param/up1.conv2.weight"]), "param/up1.conv2.weight: missing"),
+    (dict(array_changes={"param/head.out.bias": np.array([np.nan], np.float32)}),
+     "NaN or infinite values in param/head.out.bias.*lower --lr"),
+])
+def test_damaged_entries_are_named_and_nothing_is_loaded(tmp_path, edit, message):
+    source = small_model(seed=1)
+    good = save_checkpoint(tmp_path / "good.npz", source, Adam(source.parameters()), step=3,
+                           rngs={"data": np.random.default_rng(5)})
+    bad = rewrite(good, tmp_path / "bad.npz", **edit)
+    model = small_model(seed=2)
+    optimizer = Adam(model.parameters())
+    rng = np.random.default_rng(9)
+    before = {name: p.copy() for name, p in model.parameters().items()}
+    rng_before, dropout_before = rng.bit_generator.state, model.random_generators()["bottom.dropout"].bit_generator.state
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(bad, model, optimizer, rngs={"data": rng})
+    assert all(np.array_equal(before[name], p) for name, p in model.parameters().items())   # all or nothing
+    assert rng.bit_generator.state == rng_before and optimizer.step_count == 0
+    assert model.random_generators()["bottom.dropout"].bit_generator.state == dropout_before
+
+
+def test_all_nan_weights_are_refused(tmp_path):
+    model = small_model()
+    for p in model.parameters().values():
+        p[...] = np.nan
+    path = save_checkpoint(tmp_path / "nan.npz", model)
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values in param/.*\(28 in all\).*diverged"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("start, what", [(b"\x89PNG\r\n\x1a\n", "it is a PNG image"),
+                                         (b"\x80\x04\x95", "it is a Python pickle"),
+                                         (b"\x93NUMPY", "it is a single .npy array"),
+                                         (b"hello", "it is not a .npz archive")])
+def test_a_foreign_file_is_not_a_tinyunet_checkpoint(tmp_path, start, what):
+    path = tmp_path / "model.npz"
+    path.write_bytes(start + b"\x00" * 64)
+    with pytest.raises(CheckpointError, match=f"is not a tinyunet checkpoint \\({what}.*give the checkpoint.npz"):
+        load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="that is a folder"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_save_has_a_plain_files_mode_and_removes_stray_temporaries(tmp_path):
+    import os
+    import subprocess
+    import sys
+    model = small_model()
+    # a save killed mid-write leaves its temporary: a process that has exited is gone for good
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stray = tmp_path / f".ckpt.npz.{dead}.abcd1234.tmp"
+    stray.write_bytes(b"half")
+    old_style = tmp_path / ".ckpt.npz.k2j3h4g5.tmp"        # mkstemp's name, an hour old
+    old_style.write_bytes(b"half")
+    os.utime(old_style, (0, 0))
+    other = tmp_path / ".other.npz.1.abcd.tmp"             # another file's: not ours to remove
+    other.write_bytes(b"x")
+    previous = os.umask(0o027)
+    try:
+        path = save_checkpoint(tmp_path / "ckpt.npz", model)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o640                # 0666 less the umask, as open() gives
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.npz.1.abcd.tmp", "ckpt.npz"]
+    path.chmod(0o604)
+    save_checkpoint(path, model)
+    assert path.stat().st_mode & 0o777 == 0o604                # a replaced file keeps its mode

@@ -81,6 +81,53 @@ def test_label_values_are_checked(tmp_path):
         read_target(tmp_path / "bad.png")
 
 
+def test_float_and_fractional_labels_are_refused_not_truncated(tmp_path):
+    almost_cell = np.full((4, 4), 0.996, np.float32)                # truncation would make it all membrane
+    with pytest.raises(DataError, match=r"label cells.tif holds fractional values \[0.996\].*8-bit PNG"):
+        target_from_label(almost_cell, "cells.tif")
+    with pytest.raises(DataError, match=r"fractional values \[0.6\]"):
+        target_from_label(np.array([[0.6, 255.0]]))
+    with pytest.raises(DataError, match="NaN or infinite"):
+        target_from_label(np.array([[np.nan, 255.0]]))
+    np.testing.assert_array_equal(target_from_label(np.array([[0.0, 255.0]])), [[1.0, 0.0]])   # whole floats are fine
+    Image.fromarray(almost_cell, mode="F").save(tmp_path / "float_label.tif")
+    with pytest.raises(DataError, match=r"float_label\.tif holds fractional values \[0.996\]"):
+        read_target(tmp_path / "float_label.tif")
+
+
+@pytest.mark.parametrize("image, message", [
+    (np.full((4, 4), np.nan, np.float32), "item 'x': 16 pixels are NaN or infinite"),
+    (np.array([[0.5, np.inf], [0, 0]], np.float32), "item 'x': 1 pixels are NaN or infinite"),
+    (np.full((4, 4), 200, np.uint8), r"dtype uint8 \(8-bit values 0..255: divide by 255\)"),
+    (np.full((4, 4), 200.0, np.float32), r"from 200 to 200, outside \[0, 1\] \(it looks like 0..255"),
+    (np.zeros((1, 4, 4), np.float32), r"one \(H, W\) grey image.*shape \(1, 4, 4\)"),
+])
+def test_bad_images_are_named_where_they_enter(image, message):
+    with pytest.raises(DataError, match=message):
+        Dataset([image], [], ["x"])
+
+
+@pytest.mark.parametrize("target, message", [
+    (np.full((4, 4), np.nan, np.float32), r"item 'x': a target holds 1 \(membrane\) and 0 \(cell\) only, found \[nan\]"),
+    (np.full((4, 4), 255, np.uint8), r"found \[255\].*target_from_label"),
+    (np.full((4, 4), 0.5, np.float32), r"found \[0.5\]"),
+])
+def test_bad_targets_are_named_where_they_enter(target, message):
+    with pytest.raises(DataError, match=message):
+        Dataset([np.zeros((4, 4), np.float32)], [target], ["x"])
+
+
+def test_an_image_over_the_pixel_limit_is_a_clear_error(tmp_path, monkeypatch):
+    _png(np.zeros((40, 40)), tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)       # 1600 pixels is more than twice the limit
+    with pytest.raises(DataError, match=r"huge\.png is larger than Pillow's decompression-bomb limit of 100 "
+                                        r"pixels.*cut it into smaller images"):
+        read_image(tmp_path / "huge.png")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "huge.tif")
+    with pytest.raises(DataError, match="decompression-bomb limit"):
+        load_tiff_stack(tmp_path / "huge.tif")
+
+
 def test_load_folder_roundtrip_natural_order(tmp_path):
     dataset = synthetic_membranes(12, size=32)
     dataset.names = [str(i) for i in range(12)]
@@ -185,7 +232,8 @@ def file_server():
                 self.send_error(404)
                 return
             self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
+            if "nolength" not in self.path:     # without it the client reads until the server hangs up
+                self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
@@ -235,6 +283,30 @@ def test_download_errors_are_named(file_server, tmp_path, monkeypatch):
         download_isbi2012(tmp_path, base_url=file_server.url, expected_sha256={"slow.png": "00" * 32},
                           timeout=0.1, progress=False)
     assert not (tmp_path / "slow.png").exists()
+
+
+@pytest.mark.parametrize("name", ["../x.png", "/tmp/x.png", "train/../../x.png", "a//b.png", "a\\b.png",
+                                  "C:/x.png", ""])
+def test_download_names_stay_inside_the_cache(file_server, tmp_path, name):
+    with pytest.raises(DataError, match="must be a relative path inside the cache folder"):
+        download_isbi2012(tmp_path / "cache", base_url=file_server.url, expected_sha256={"ok.png": "00" * 32,
+                                                                                           name: "00" * 32})
+    assert file_server.requests == [] and not (tmp_path / "cache").exists()      # refused before any request
+
+
+def test_download_size_is_capped(file_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    file_server.files.update({"big.png": b"x" * 5000, "nolength.png": b"y" * 5000})
+    sums = _sums(file_server.files)
+    with pytest.raises(DownloadError, match=r"big\.png from .* is larger than 1,000 bytes \(Content-Length 5,000\)"):
+        download_isbi2012(tmp_path, base_url=file_server.url, expected_sha256={"big.png": sums["big.png"]},
+                          max_bytes=1000, progress=False)
+    with pytest.raises(DownloadError, match=r"nolength\.png .* larger than 1,000 bytes \(the transfer went past it"):
+        download_isbi2012(tmp_path, base_url=file_server.url, progress=False, max_bytes=1000,
+                          expected_sha256={"nolength.png": sums["nolength.png"]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == []                        # nothing kept
+    with pytest.raises(DataError, match="64 hexadecimal digits"):
+        download_isbi2012(tmp_path, base_url=file_server.url, expected_sha256={"a.png": "nope"})
 
 
 def test_shipped_sums_and_default_cache(monkeypatch, tmp_path):
@@ -349,3 +421,12 @@ def test_random_crops_shapes_and_errors():
     assert not np.array_equal(next(stream)[0], images)
     with pytest.raises(DataError, match=r"crop size 65 is larger than image 'synthetic_000' \(64x64"):
         random_crops(dataset, 65, 1, np.random.default_rng(0))
+    for size, batch in ((0, 1), (-32, 1), (32, 0), (32, -1), (32, 2.0)):
+        with pytest.raises(DataError, match="random_crops: the (crop size|batch) must be a whole number >= 1"):
+            random_crops(dataset, size, batch, np.random.default_rng(0))
+
+
+def test_a_float_image_file_with_nan_is_named(tmp_path):
+    Image.fromarray(np.full((4, 4), np.nan, np.float32), mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(DataError, match=r"image .*nan\.tif holds 16 NaN or infinite pixels"):
+        read_image(tmp_path / "nan.tif")

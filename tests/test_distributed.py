@@ -162,13 +162,26 @@ def test_ranks_started_with_different_options_are_refused_before_anything_is_wri
 
 def test_a_rank_that_fails_outside_a_step_stops_every_rank_naming_itself(tmp_path):
     """Rank 1 cannot find its data (rank 0 can): rank 0 would wait for ever in the first
-    collective; instead rank 1's error, with its number, ends the whole job."""
+    collective; instead every rank stops, naming rank 1 and its error."""
     common = ["--base-width", "4", "--depth", "2", "--crop", "32", "--steps", "2", "--synthetic-count", "4",
               "--no-progress", "--out", str(tmp_path / "run")]
     script = str(EXAMPLES / "train_membranes.py")
     result = launch([[script, *common], [script, *common, "--data", str(tmp_path / "missing")]], timeout=120)
     assert result.returncode != 0
-    assert "error on rank 1 of 2" in result.stdout and "missing" in result.stdout, result.stdout
+    assert result.stdout.count("rank 1 failed: ") == 1 and "missing" in result.stdout, result.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_ranks_that_refuse_alike_say_it_once_as_one_process_would(tmp_path):
+    """A folder that holds a run, under mpiexec: every rank refuses; rank 0 says it once, exit 2."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.npz").write_bytes(b"not read")
+    common = ["--base-width", "4", "--depth", "2", "--crop", "32", "--steps", "2", "--synthetic-count", "4",
+              "--no-progress", "--out", str(tmp_path / "run")]
+    script = str(EXAMPLES / "train_membranes.py")
+    result = launch([[script, *common], [script, *common]], timeout=120)
+    assert result.returncode == 2, result.stdout
+    assert result.stdout.count("already holds a run") == 1 and "Abort" not in result.stdout, result.stdout
 
 
 def test_resuming_on_another_number_of_ranks_says_what_continues():

@@ -97,6 +97,148 @@ def test_cuda_refuses_host_arrays():
         cuda_kernels.im2col(np.zeros((1, 1, 3, 3), np.float32), 2, 0, 1)
 
 
+# -- index arithmetic: 32 bits where every index fits ------------------------------------------
+
+def test_index_type_at_the_2_31_boundary():
+    assert cuda_kernels.index_type(2 ** 31 - 1) is np.uint32
+    assert cuda_kernels.index_type(2 ** 31) is np.uint64
+    assert cuda_kernels.index_type(5, 2 ** 31 - 1, 7) is np.uint32
+    assert cuda_kernels.index_type(5, 2 ** 31) is np.uint64
+
+
+@pytest.mark.parametrize("channels, index", [(64, np.uint64), (56, np.uint32)])
+def test_im2col_picks_64_bit_indices_when_only_the_columns_pass_2_31(monkeypatch, channels, index):
+    """A 3x3 im2col of (1, C, 2048, 2048): x has C * 2**22 elements (below 2**31 for both C),
+    the columns 9 times as many, which pass 2**31 for C = 64 (2.4e9) but not for C = 56 (2.1e9).
+    Nothing is allocated: x is a zero-stride view and the launch is intercepted."""
+    x = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=(1, channels, 2048, 2048),
+                                        strides=(0, 0, 0, 0))
+    launched = {}
+    monkeypatch.setattr(cuda_kernels, "_contiguous", lambda a, name: a)
+    monkeypatch.setattr(cuda_kernels, "_empty_like_input", lambda a, shape, dtype: None)
+    monkeypatch.setattr(cuda_kernels, "_device_view", lambda a, name: a)
+    monkeypatch.setattr(cuda_kernels, "_launch", lambda kernel, size, *rest: launched.update(kernel=kernel, size=size))
+    cuda_kernels.im2col(x, 3, 1, 1)
+    assert launched["size"] == 9 * channels * 2048 * 2048
+    assert launched["kernel"] is cuda_kernels._KERNELS[index][0]
+
+
+@pytest.mark.parametrize("index", [np.uint32, np.uint64])
+@pytest.mark.parametrize("kernel, padding, stride", [(3, 1, 1), (3, ((2, 0), (1, 2)), 2), (2, 0, 2)])
+def test_both_index_builds_equal_the_reference(monkeypatch, index, kernel, padding, stride):
+    monkeypatch.setattr(cuda_kernels, "index_type", lambda *sizes: index)
+    x = np.random.default_rng(5).standard_normal((2, 2, 5, 6)).astype(np.float32)
+    cols = cuda_kernels.im2col(cuda.to_device(x), kernel, padding, stride).copy_to_host()
+    np.testing.assert_array_equal(cols, reference.im2col(x, kernel, padding, stride))
+    back = cuda_kernels.col2im(cuda.to_device(cols), x.shape, kernel, padding, stride).copy_to_host()
+    np.testing.assert_allclose(back, reference.col2im(cols, x.shape, kernel, padding, stride), rtol=0, atol=1e-6)
+
+
+PTX_CHECK = """
+import re, sys
+import numpy as np
+from numba import cuda, types
+from tinyunet.kernels import cuda as ck     # TINYUNET_CUDA_COMPILE_ONLY=1: no GPU needed
+try:
+    cuda.compile_ptx(lambda a: None, (types.float32[::1],), cc=(9, 0))
+except Exception as error:
+    print("NO-NVVM", type(error).__name__, str(error)[:200]); sys.exit(0)
+a4, a3, i64 = types.float32[:, :, :, ::1], types.float32[:, :, ::1], types.int64
+for name, kernel, signature in (("im2col", ck._KERNELS[np.uint32][0], (a4, a3) + (i64,) * 8),
+                                ("col2im", ck._KERNELS[np.uint32][1], (a3, a4) + (i64,) * 8 + (types.float32,))):
+    ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
+    print(name, sorted(set(re.findall(r"^\\s*((?:div|rem)\\.[a-z0-9]+)", ptx, re.M))))
+"""
+
+
+def test_the_32_bit_build_compiles_to_32_bit_divisions():
+    """Compiled to PTX (needs NVVM: a CUDA toolkit, or the numba-cuda[cu12] wheels; no GPU):
+    every division and remainder of the 32-bit build is a 32-bit one, as intended."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "TINYUNET_CUDA_COMPILE_ONLY": "1"}
+    done = subprocess.run([sys.executable, "-c", PTX_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if done.stdout.startswith("NO-NVVM"):
+        pytest.skip(f"NVVM not found, nothing to compile with: {done.stdout.strip()}")
+    lines = dict(line.split(" ", 1) for line in done.stdout.strip().splitlines())
+    assert set(lines) == {"im2col", "col2im"}
+    for name, ops in lines.items():
+        assert ops != "[]" and "64" not in ops, f"{name}: {ops}"
+
+
+# -- launching without waiting, and the checks that the target works ----------------------------
+
+def test_views_of_cupy_arrays_do_not_synchronise(monkeypatch):
+    """as_cuda_array(a) waits for the stream CuPy exports unless sync=False; the kernels run on
+    that same stream (_launch), so the wait is never needed."""
+    calls = []
+    marker = object()
+    monkeypatch.setattr(cuda_kernels, "is_gpu_array", lambda a: a is marker)
+    monkeypatch.setattr(cuda_kernels.cuda, "as_cuda_array", lambda a, **kw: calls.append(kw) or "view",
+                        raising=False)     # the simulator has none
+    assert cuda_kernels._device_view(marker, "x") == "view"
+    assert calls == [{"sync": False}]
+
+
+def test_low_occupancy_warning_is_off_in_tests():
+    """tests/conftest.py sets NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0 before Numba loads; else every
+    tiny launch on a real GPU warns, and warnings are errors here (setup.cfg)."""
+    try:
+        from numba.cuda.core import config      # numba-cuda, the target the gpu extra installs
+    except ImportError:
+        from numba.core import config           # the target built into Numba
+    assert config.CUDA_LOW_OCCUPANCY_WARNINGS == 0
+
+
+class FakeTarget:
+    """A stand-in for numba.cuda: available or not, compiling or not, right or wrong."""
+
+    def __init__(self, available=True, compile_error=None, writes=7):
+        self.available, self.compile_error, self.writes = available, compile_error, writes
+
+    def is_available(self):
+        return self.available
+
+    def jit(self, function):
+        if self.compile_error is not None:
+            raise self.compile_error
+        target = self
+
+        class Launcher:
+            def __getitem__(self, config):
+                return lambda out: out.__setitem__(0, target.writes)
+        return Launcher()
+
+    def device_array(self, n, dtype):
+        array = np.zeros(n, dtype)
+        return type("Device", (), {"copy_to_host": lambda self: array, "__setitem__":
+                                   lambda self, i, v: array.__setitem__(i, v)})()
+
+
+def test_the_target_check_launches_a_kernel_and_says_why_not():
+    assert cuda_kernels.why_unusable(FakeTarget()) is None
+    assert "is_available() is False" in cuda_kernels.why_unusable(FakeTarget(available=False))
+    missing = cuda_kernels.why_unusable(FakeTarget(compile_error=OSError("libNVVM cannot be found")))
+    assert missing == "a first Numba CUDA kernel failed: OSError: libNVVM cannot be found"
+    assert "wrote 0 instead of 7" in cuda_kernels.why_unusable(FakeTarget(writes=0))
+    message = cuda_kernels.unusable_message(missing)
+    assert "libNVVM" in message and 'pip install -e ".[gpu]"' in message and "NUMBA_ENABLE_CUDASIM=1" in message
+
+
+def test_gpu_arrays_fall_back_to_the_reference_loudly_once(monkeypatch):
+    marker = object()
+    monkeypatch.setattr(kernels, "is_gpu_array", lambda a: a is marker)
+    monkeypatch.setattr(kernels, "_modules", {"reference": reference})
+    monkeypatch.setattr(kernels, "_import_errors", {"cuda": "ImportError: libNVVM cannot be found"})
+    monkeypatch.setattr(kernels, "_warned_fallback", False)
+    monkeypatch.setattr(kernels, "_forced", None)
+    with pytest.warns(kernels.KernelFallbackWarning, match="reference kernels.*libNVVM cannot be found"):
+        assert kernels.implementation_for(marker) is reference
+    assert kernels.implementation_for(marker) is reference      # once: no second warning (errors here)
+
+
 # -- real GPUs, CuPy arrays -------------------------------------------------------------------
 
 @pytest.fixture
@@ -120,6 +262,29 @@ def test_cuda_on_cupy_arrays_equals_reference(cupy, dtype, kernel, padding, stri
     cupy.testing.assert_allclose(back, expected, rtol=0, atol=50 * np.finfo(dtype).eps)
     again = cuda_kernels.col2im(cols, x.shape, kernel, padding, stride)
     assert bool((again == back).all()), "col2im must be deterministic: it gathers, no atomics"
+
+
+@pytest.mark.gpu
+def test_the_cuda_kernels_are_really_available():
+    """No silent fallback: on a GPU machine the Numba CUDA kernels must load (NVVM found, a
+    kernel ran), or every CuPy im2col would quietly take the slow reference path."""
+    assert not SIMULATOR, "the GPU tests must run on the real CUDA target, not the simulator"
+    assert kernels.available()["cuda"] is None, kernels.available()["cuda"]
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_on_a_non_default_stream(cupy):
+    """The launch follows CuPy's current stream (_launch's external_stream branch), and the
+    views are made without a wait (sync=False): results must still be right."""
+    x = cupy.asarray(np.random.default_rng(2).standard_normal((2, 8, 33, 17)).astype(np.float32))
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        y = x * 2                                   # queued on the stream, not waited for
+        cols = cuda_kernels.im2col(y, 3, 1, 1)
+        back = cuda_kernels.col2im(cols, y.shape, 3, 1, 1)
+    stream.synchronize()
+    cupy.testing.assert_array_equal(cols, reference.im2col(x * 2, 3, 1, 1))
+    cupy.testing.assert_allclose(back, reference.col2im(cols, x.shape, 3, 1, 1), rtol=0, atol=1e-5)
 
 
 @pytest.mark.gpu

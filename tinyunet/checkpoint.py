@@ -19,18 +19,23 @@ integers can, so states travel in the JSON text.
 
 Atomic: the file is written to a temporary file in the same folder, flushed to disk (fsync)
 and renamed over the old one (os.replace is atomic on one file system). A crash during a save
-leaves the previous checkpoint whole, and at worst a stray '.<name>.*.tmp' file.
+leaves the previous checkpoint whole, and at worst a stray '.<name>.<pid>.*.tmp' file, which the
+next save removes (tinyunet/files.py).
 
-Loading checks that the file is a tinyunet checkpoint, that every name is there with its
-shape, and lists each mismatch (expected against found); a truncated, corrupt or foreign file
-raises CheckpointError saying so. Proofs: tests/test_checkpoint.py (bit-identical resume,
-crash during save, mismatches, corrupt and foreign files).
+Loading reads the zip's .npy headers first (names, shapes, dtypes, stored sizes: nothing of
+the arrays), checks the saved config against bounds (MAX_PARAMETERS, MAX_DEPTH) and every
+header against the shapes that config means, and only then reads the arrays: a hostile file
+cannot make it allocate more than the model it describes. Then every value must be finite and
+every generator state valid, and only then is anything changed (all or nothing). A truncated,
+corrupt or foreign file (a PNG, a .pt, a pickle) raises CheckpointError saying so, with one
+line naming the fix. Proofs: tests/test_checkpoint.py (bit-identical resume, crash during
+save, mismatches, corrupt, foreign and hostile files).
 """
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
+import math
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -39,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from tinyunet.backend import to_numpy
+from tinyunet.files import atomic_write
 from tinyunet.unet import UNet, UNetConfig
 
 FORMAT = "tinyunet-checkpoint"
@@ -107,71 +113,281 @@ def save_checkpoint(path, model: UNet, optimizer=None, *, step: int = 0, rngs: d
 
 
 def _write_atomically(path: Path, arrays: dict) -> None:
-    """Temporary file in the same folder, fsync, os.replace, fsync the folder."""
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise FileNotFoundError(f"save_checkpoint: the folder {str(directory)!r} does not exist; create it first")
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    """tinyunet/files.py: temporary file in the same folder (mode as a plain open would give,
+    stray temporaries of killed saves removed), fsync, os.replace, fsync the folder."""
     try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, allow_pickle=False, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())          # the bytes are on disk before the name points at them
-        os.replace(temporary, path)            # atomic: readers see the old file or the new one
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
-    if hasattr(os, "O_DIRECTORY"):             # make the rename itself durable (POSIX)
-        folder = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        atomic_write(path, lambda stream: np.savez(stream, allow_pickle=False, **arrays), create_folder=False)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"save_checkpoint: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------
-# reading
+# reading: headers first, arrays only once everything fits
 # ---------------------------------------------------------------------------------------------
-def read_checkpoint(path) -> tuple[dict, dict]:
-    """(meta, arrays) of a checkpoint file, every array read into memory and checked.
+# Bounds on what a file may ask for, checked before anything is allocated. The exact U-Net has
+# 31 million parameters; base_width 128 has 124 million.
+MAX_PARAMETERS = 1 << 28          # 268,435,456: 1 GiB of float32 weights (3 GiB with Adam's m and v)
+MAX_DEPTH = 12                    # a 4096-pixel crop at the smallest
+MAX_ENTRIES = 4096                # arrays in one file (the exact U-Net with Adam: 139)
+MAX_META_BYTES = 64 << 20         # the JSON entry (metrics history included)
+ZIP_MAGIC = b"PK\x03\x04"
 
-    Raises CheckpointError for a missing, truncated, corrupt or foreign file.
-    """
-    path = Path(path)
+
+def parameter_shapes(config: UNetConfig) -> dict[str, tuple]:
+    """{'down1.conv1.weight': (64, 1, 3, 3), ...} of the UNet ``config`` builds, computed
+    without building it (nothing is allocated). Mirrors UNet.__init__; proof:
+    tests/test_checkpoint.py::test_parameter_shapes_match_the_model."""
+    shapes: dict[str, tuple] = {}
+
+    def conv(name, cin, cout, k):
+        shapes[f"{name}.weight"] = (cout, cin, k, k)
+        shapes[f"{name}.bias"] = (cout,)
+
+    widths, cin = config.widths, config.in_channels
+    for i in range(1, config.depth + 1):
+        conv(f"down{i}.conv1", cin, widths[i - 1], 3)
+        conv(f"down{i}.conv2", widths[i - 1], widths[i - 1], 3)
+        cin = widths[i - 1]
+    conv("bottom.conv1", cin, widths[config.depth], 3)
+    conv("bottom.conv2", widths[config.depth], widths[config.depth], 3)
+    for i in range(config.depth, 0, -1):
+        conv(f"up{i}.upconv", widths[i], widths[i - 1], 2)
+        conv(f"up{i}.conv1", 2 * widths[i - 1], widths[i - 1], 3)
+        conv(f"up{i}.conv2", widths[i - 1], widths[i - 1], 3)
+    if config.padding == "same":
+        conv("head.conv", widths[0], 2, 3)
+        conv("head.out", 2, 1, 1)
+    else:
+        conv("head.out", widths[0], 1, 1)
+    return shapes
+
+
+def check_config_bounds(config: UNetConfig, source: str = "the config") -> None:
+    """Refuse a config whose model would be absurdly large, before anything is allocated."""
+    if config.depth > MAX_DEPTH:
+        raise CheckpointError(f"{source}: depth {config.depth} is more than this tinyunet builds ({MAX_DEPTH}); "
+                              f"the file is corrupt or was not written by tinyunet")
+    count = sum(math.prod(shape) for shape in parameter_shapes(config).values())
+    if count > MAX_PARAMETERS:
+        raise CheckpointError(
+            f"{source}: base_width={config.base_width}, depth={config.depth}, in_channels={config.in_channels} "
+            f"means {count:,} parameters, more than tinyunet loads ({MAX_PARAMETERS:,}, "
+            f"tinyunet.checkpoint.MAX_PARAMETERS); the file is corrupt or was not written by tinyunet")
+
+
+@dataclass
+class _Entry:
+    """One .npy entry of the zip, from its header: nothing of the array is read."""
+    shape: tuple
+    dtype: np.dtype
+    fortran_order: bool
+
+
+def _not_a_checkpoint(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{str(path)!r} is not a tinyunet checkpoint ({why}); give the checkpoint.npz "
+                           f"that train_membranes.py writes into its run folder")
+
+
+def _describe_start(head: bytes) -> str:
+    """What a file that is not a zip looks like, for the error message."""
+    for magic, what in ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+                        (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"),
+                        (b"\x93NUMPY", "a single .npy array"), (b"\x89HDF", "an HDF5 file (Keras .h5?)"),
+                        (b"\x80", "a Python pickle (PyTorch .pt?), never loaded")):
+        if head.startswith(magic):
+            return f"it is {what}, not a .npz archive"
+    return "it is not a .npz archive"
+
+
+def _open_archive(path: Path) -> zipfile.ZipFile:
+    """The zip, or CheckpointError: a non-zip is 'not a checkpoint', a broken zip 'truncated or corrupt'."""
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}" +
+                                (" (that is a folder: give its checkpoint.npz)" if path.is_dir() else ""))
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if not head.startswith(ZIP_MAGIC):
+        raise _not_a_checkpoint(path, _describe_start(head))
     try:
-        # Our own handle: np.load leaks the file it opened when the zip is broken.
-        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as archive:
-            names = list(archive.keys())
-            if META_KEY not in names:
-                raise CheckpointError(
-                    f"{str(path)!r} is a .npz file but not a tinyunet checkpoint (no {META_KEY!r} entry; "
-                    f"it holds {names[:5]}{' ...' if len(names) > 5 else ''}). Weights saved by another "
-                    f"program must be converted into {{'down1.conv1.weight': array, ...}} and loaded with "
-                    f"UNet.load_parameters")
-            arrays = {name: archive[name] for name in names}   # reading checks every CRC
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as error:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
         raise CheckpointError(f"{str(path)!r} is truncated or corrupt and cannot be read ({type(error).__name__}: "
                               f"{error}); use an earlier checkpoint") from None
-    except ValueError as error:            # not a zip and not a .npy, or an object array
-        raise CheckpointError(f"{str(path)!r} is not a tinyunet checkpoint: NumPy cannot read it as .npz "
-                              f"without pickle ({error})") from None
+
+
+def _read_headers(path: Path, archive: zipfile.ZipFile) -> dict[str, _Entry]:
+    """{entry name: _Entry} from the .npy headers alone; the sizes they declare must be the
+    sizes stored in the zip, so reading an entry later allocates what the header says, no more."""
+    infos = archive.infolist()
+    if len(infos) > MAX_ENTRIES:
+        raise _not_a_checkpoint(path, f"it holds {len(infos)} entries, more than {MAX_ENTRIES}")
+    entries = {}
+    for info in infos:
+        if not info.filename.endswith(".npy"):
+            raise _not_a_checkpoint(path, f"it holds {info.filename!r}, which is not a .npy array")
+        name = info.filename[:-len(".npy")]
+        try:
+            with archive.open(info) as stream:
+                version = np.lib.format.read_magic(stream)
+                reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, fortran_order, dtype = reader(stream)
+                offset = stream.tell()
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, SyntaxError) as error:
+            raise CheckpointError(f"{str(path)!r}: the entry {name!r} is truncated or corrupt ({error}); "
+                                  f"use an earlier checkpoint") from None
+        if dtype.hasobject:
+            raise CheckpointError(f"{str(path)!r}: the entry {name!r} holds Python objects, which only pickle "
+                                  f"can read; tinyunet never loads pickle (refused without pickle)")
+        if offset + math.prod(shape) * dtype.itemsize != info.file_size:
+            raise CheckpointError(f"{str(path)!r}: the entry {name!r} declares {shape} {dtype} but stores "
+                                  f"{info.file_size - offset} bytes: truncated or corrupt; use an earlier checkpoint")
+        entries[name] = _Entry(tuple(shape), dtype, fortran_order)
+    return entries
+
+
+def _read_entry(path: Path, archive: zipfile.ZipFile, name: str) -> np.ndarray:
+    """One array, its CRC checked (zipfile checks it on reading the whole entry)."""
     try:
-        meta = json.loads(str(arrays.pop(META_KEY)))
+        data = archive.read(f"{name}.npy")
+        return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise CheckpointError(f"{str(path)!r} is truncated or corrupt and cannot be read ({type(error).__name__}: "
+                              f"{error}); use an earlier checkpoint") from None
+
+
+def _read_meta(path: Path, archive: zipfile.ZipFile, entries: dict) -> dict:
+    meta_entry = entries.get(META_KEY)
+    if meta_entry is None:
+        shown = sorted(entries)[:5]
+        raise CheckpointError(
+            f"{str(path)!r} is a .npz file but not a tinyunet checkpoint (no {META_KEY!r} entry; "
+            f"it holds {shown}{' ...' if len(entries) > 5 else ''}). Weights saved by another "
+            f"program must be converted into {{'down1.conv1.weight': array, ...}} and loaded with "
+            f"UNet.load_parameters")
+    if meta_entry.dtype.kind != "U" or meta_entry.shape != () or meta_entry.dtype.itemsize > MAX_META_BYTES:
+        raise _not_a_checkpoint(path, f"its {META_KEY!r} entry is {meta_entry.shape} {meta_entry.dtype}, "
+                                      f"not the JSON text of at most {MAX_META_BYTES} bytes")
+    text = str(_read_entry(path, archive, META_KEY))
+    try:
+        meta = json.loads(text)
     except (json.JSONDecodeError, ValueError) as error:
         raise CheckpointError(f"{str(path)!r}: the {META_KEY!r} entry is not valid JSON ({error})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a tinyunet checkpoint (format {meta.get('format') if isinstance(meta, dict) else meta!r})")
+        raise _not_a_checkpoint(path, f"format {meta.get('format') if isinstance(meta, dict) else meta!r}")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{str(path)!r} is checkpoint format version {meta.get('version')}; this tinyunet "
                               f"reads version {VERSION}")
+    return meta
+
+
+def _check_meta(path: Path, meta: dict) -> UNetConfig:
+    """The saved config, bounded, and the types of everything else in the JSON: a clear error
+    for each, before any array is read."""
+    def bad(what):
+        return CheckpointError(f"{str(path)!r}: {what}; the file is damaged or was not written by this tinyunet")
+
+    if not isinstance(meta.get("config"), dict):
+        raise bad("the model config is missing")
+    try:
+        config = UNetConfig(**meta["config"])
+    except (TypeError, ValueError) as error:
+        raise bad(f"the saved config cannot be read ({error})") from None
+    check_config_bounds(config, repr(str(path)))
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise bad(f"the step is {step!r}, not an integer >= 0")
+    for key in ("model_rngs", "rngs", "extra"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise bad(f"{key!r} is {type(meta[key]).__name__}, not a JSON object")
+    optimizer = meta.get("optimizer")
+    if optimizer is not None:
+        ok = (isinstance(optimizer, dict) and isinstance(optimizer.get("class"), str)
+              and isinstance(optimizer.get("hyper"), dict)
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      for v in optimizer["hyper"].values())
+              and isinstance(optimizer.get("step"), int) and not isinstance(optimizer["step"], bool)
+              and optimizer["step"] >= 0)
+        if not ok:
+            raise bad(f"the optimizer entry {str(optimizer)[:120]} is not {{class, finite hyper-parameters, step >= 0}}")
+    return config
+
+
+def _check_generator_state(target: np.random.Generator, state, label: str, problems: list) -> None:
+    """Try the saved state on a scratch generator of the same kind: a bad state is a listed
+    problem, and the real generator is only set once everything fits."""
+    scratch = type(target.bit_generator)()
+    try:
+        scratch.state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as error:
+        problems.append(f"  {label}: the saved state is not a valid {type(scratch).__name__} state ({error})")
+
+
+def _check_arrays_finite(path: Path, arrays: dict) -> None:
+    bad = [name for name, value in arrays.items() if not np.isfinite(value).all()]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise CheckpointError(f"{str(path)!r} holds NaN or infinite values in {shown}: the run it comes from "
+                              f"diverged; use an earlier checkpoint, and resume with a lower --lr")
+
+
+def read_checkpoint(path) -> tuple[dict, dict]:
+    """(meta, arrays) of a checkpoint file, every array read into memory and checked.
+
+    The headers are checked first (names, dtypes, sizes within bounds), so a hostile file
+    cannot make this allocate more than the model it describes. Raises CheckpointError for
+    a truncated, corrupt or foreign file, FileNotFoundError for a missing one.
+    """
+    path = Path(path)
+    with _open_archive(path) as archive:
+        entries = _read_headers(path, archive)
+        meta = _read_meta(path, archive, entries)
+        config = _check_meta(path, meta)
+        _check_entries(path, entries, config, meta)
+        arrays = {name: _read_entry(path, archive, name) for name in entries if name != META_KEY}
     return meta, arrays
+
+
+def read_checkpoint_meta(path) -> dict:
+    """The JSON part of a checkpoint (config, step, optimizer, extra) without reading any
+    array; the same checks as read_checkpoint on everything but the arrays' values."""
+    path = Path(path)
+    with _open_archive(path) as archive:
+        entries = _read_headers(path, archive)
+        meta = _read_meta(path, archive, entries)
+        _check_entries(path, entries, _check_meta(path, meta), meta)
+    return meta
+
+
+def _check_entries(path: Path, entries: dict, config: UNetConfig, meta: dict) -> None:
+    """Every entry is a parameter of the saved config (shape and float dtype from the
+    headers) or its optimizer state; nothing else."""
+    shapes = parameter_shapes(config)
+    expected = {f"param/{name}": shape for name, shape in shapes.items()}
+    problems = []
+    optimizer = meta.get("optimizer")
+    slots = {k[len("optim/"):].split(".", 1)[0] for k in entries if k.startswith("optim/")}
+    if optimizer is None and slots:
+        problems.append(f"  optimizer state {sorted(slots)} without an optimizer entry")
+    for slot in slots:
+        expected.update({f"optim/{slot}.{name}": shape for name, shape in shapes.items()})
+    dtype = np.dtype(config.dtype)
+    for name, entry in entries.items():
+        if name == META_KEY:
+            continue
+        if name not in expected:
+            problems.append(f"  {name}: not part of a {config.padding!r} U-Net of depth {config.depth}")
+        elif entry.shape != expected[name]:
+            problems.append(f"  {name}: the config means {expected[name]}, the file holds {entry.shape}")
+        elif entry.dtype != dtype:
+            problems.append(f"  {name}: the config means {dtype}, the file holds {entry.dtype}")
+    missing = [name for name in expected if name not in entries]
+    problems += [f"  {name}: missing" for name in missing[:10]]
+    if len(missing) > 10:
+        problems.append(f"  ... and {len(missing) - 10} more missing")
+    if problems:
+        raise CheckpointError(f"{str(path)!r} does not hold what its own config describes ({len(problems)} "
+                              f"problem{'s' if len(problems) > 1 else ''}); the file is damaged or was not written by tinyunet:\n" + "\n".join(problems))
 
 
 def _mismatches(expected: dict, found: dict, what: str) -> list[str]:
@@ -189,30 +405,37 @@ def load_checkpoint(path, model: UNet | None = None, optimizer=None, *, rngs: di
     """Restore a checkpoint into ``model`` (built from the saved config when None), the
     ``optimizer`` (state, step and hyper-parameters) and the generators in ``rngs``.
 
-    Everything is checked before anything is changed: a mismatch leaves the model as it was,
-    and the error lists every mismatch, expected (the model) against found (the file).
-    Parameters are copied INTO the existing arrays, so an optimizer built on
+    All or nothing: the file's headers, config, arrays, values (finite) and generator states
+    are all checked before anything is changed, so an error leaves model, optimizer and
+    generators as they were; it lists every mismatch, expected (the model) against found
+    (the file). Parameters are copied INTO the existing arrays, so an optimizer built on
     ``model.parameters()`` stays attached.
     """
+    path = Path(path)
     meta, arrays = read_checkpoint(path)
-    try:
-        config = UNetConfig(**meta["config"])
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{str(path)!r}: the saved config cannot be read ({error})") from None
+    config = UNetConfig(**meta["config"])              # read_checkpoint checked it
+    _check_arrays_finite(path, arrays)
     if model is None:
         model = UNet(config)
     params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
     problems = _mismatches(model.parameters(), params, "")
-    for key in ("padding", "head_relu"):            # change the function, not the shapes
+    for key in ("padding", "head_relu", "dtype"):   # change the function, not the shapes
         if getattr(model.config, key) != getattr(config, key):
             problems.append(f"  config.{key}: expected {getattr(model.config, key)!r}, found {getattr(config, key)!r}")
     model_rngs = model.random_generators()
     saved_model_rngs = meta.get("model_rngs", {})
     if set(model_rngs) != set(saved_model_rngs):
         problems.append(f"  dropout generators: expected {sorted(model_rngs)}, found {sorted(saved_model_rngs)}")
+    else:
+        for name, rng in model_rngs.items():
+            _check_generator_state(rng, saved_model_rngs[name], f"dropout generator {name!r}", problems)
     rngs = dict(rngs or {})
     saved_rngs = meta.get("rngs", {})
-    problems += [f"  rngs[{name!r}]: expected a saved generator, found nothing" for name in rngs if name not in saved_rngs]
+    for name, rng in rngs.items():
+        if name not in saved_rngs:
+            problems.append(f"  rngs[{name!r}]: expected a saved generator, found nothing")
+        else:
+            _check_generator_state(rng, saved_rngs[name], f"rngs[{name!r}]", problems)
 
     optimizer_meta = meta.get("optimizer")
     state = {}
@@ -225,10 +448,14 @@ def load_checkpoint(path, model: UNet | None = None, optimizer=None, *, rngs: di
             state = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
             expected = {f"{slot}.{name}": p for slot in optimizer.slots for name, p in optimizer.params.items()}
             problems += _mismatches(expected, state, "optimizer ")
+            problems += [f"  optimizer: {type(optimizer).__name__} has no hyper-parameter {key!r}"
+                         for key in optimizer_meta["hyper"] if not hasattr(optimizer, key)]
     if problems:
-        raise CheckpointError(f"{str(path)!r} does not fit this model ({len(problems)} mismatches, expected "
+        raise CheckpointError(f"{str(path)!r} does not fit this model ({len(problems)} "
+                              f"mismatch{'es' if len(problems) > 1 else ''}, expected "
                               f"= this model, found = the file):\n" + "\n".join(problems))
 
+    # everything fits: nothing below can fail on the file's content
     model.load_parameters(params)
     for name, rng in model_rngs.items():
         rng.bit_generator.state = saved_model_rngs[name]

@@ -80,7 +80,10 @@ class Dataset:
         if len(self.names) != len(self.images) or len(self.targets) not in (0, len(self.images)):
             raise DataError(f"a Dataset needs one name (and one target, if any) per image: got "
                             f"{len(self.images)} images, {len(self.targets)} targets, {len(self.names)} names")
+        for image, name in zip(self.images, self.names):
+            check_image(image, f"item {name!r}")
         for image, target, name in zip(self.images, self.targets, self.names):
+            check_target(target, f"item {name!r}")
             if image.shape != target.shape:
                 raise DataError(f"item {name!r}: image {image.shape} and target {target.shape} differ in shape")
 
@@ -99,12 +102,60 @@ class Dataset:
                        names=[self.names[i] for i in indices])
 
 
+def check_image(image, source: str = "image") -> None:
+    """Refuse, naming ``source``, anything but an (H, W) float array, finite, in [0, 1]:
+    the convention every function here returns. Proof: test_bad_images_and_targets_are_named."""
+    if not isinstance(image, np.ndarray) or image.ndim != 2:
+        what = f"shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise DataError(f"{source}: expected one (H, W) grey image as a NumPy array, got {what}")
+    if image.dtype.kind != "f":
+        hint = " (8-bit values 0..255: divide by 255)" if image.dtype.kind in "ui" else ""
+        raise DataError(f"{source}: expected a float image in [0, 1], got dtype {image.dtype}{hint}; "
+                        f"read_image returns the right form")
+    finite = np.isfinite(image)
+    if not finite.all():
+        raise DataError(f"{source}: {int(image.size - finite.sum())} pixels are NaN or infinite; "
+                        f"fix or drop the image (a model cannot learn from or predict on them)")
+    low, high = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
+    if low < 0 or high > 1:
+        hint = " (it looks like 0..255: divide by 255)" if high > 1.5 else ""
+        raise DataError(f"{source}: values run from {low:g} to {high:g}, outside [0, 1]{hint}")
+
+
+def check_target(target, source: str = "target") -> None:
+    """Refuse, naming ``source``, a target that is not (H, W) with values {0, 1} only (1 = membrane).
+    Proof: test_bad_images_and_targets_are_named."""
+    if not isinstance(target, np.ndarray) or target.ndim != 2:
+        what = f"shape {target.shape}" if isinstance(target, np.ndarray) else type(target).__name__
+        raise DataError(f"{source}: expected one (H, W) target as a NumPy array, got {what}")
+    if target.dtype.kind not in "fuib":
+        raise DataError(f"{source}: a target must be numeric, got dtype {target.dtype}")
+    if not np.isin(target, (0, 1)).all():
+        odd = target[~np.isin(target, (0, 1))]
+        shown = ", ".join(f"{v:g}" for v in np.unique(odd)[:5])
+        raise DataError(f"{source}: a target holds 1 (membrane) and 0 (cell) only, found [{shown}]; convert "
+                        f"label files with target_from_label (255 = cell, 0 = membrane)")
+
+
 def target_from_label(label: np.ndarray, source: str = "label") -> np.ndarray:
     """Membrane target t = (label == 0) as float32, after checking label values.
 
     label: (H, W) integers, exactly {0, 255} or {0, 1} (or a subset), where 0 = membrane.
     source names the file in the error. Proof: test_label_values_are_checked.
     """
+    label = np.asarray(label)
+    if label.dtype.kind not in "fuib":
+        raise DataError(f"label {source} has dtype {label.dtype}; a label holds the integers {{0, 255}} or {{0, 1}}")
+    if label.dtype.kind == "f":
+        if not np.isfinite(label).all():
+            raise DataError(f"label {source} holds NaN or infinite values; a label holds only {{0, 255}} "
+                            "(255 = cell, 0 = membrane) or {0, 1}. Re-export it as an 8-bit PNG.")
+        fractional = np.unique(label[label != np.round(label)])
+        if fractional.size:
+            shown = ", ".join(f"{v:g}" for v in fractional[:5])
+            raise DataError(f"label {source} holds fractional values [{shown}]; a label holds only the integers "
+                            "{0, 255} (255 = cell, 0 = membrane) or {0, 1}. Binarize it (255 * (label > 0.5) "
+                            "for a 0..1 float label) and save it as an 8-bit PNG.")
     values = np.unique(label)
     if not (set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 1}):
         shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
@@ -245,12 +296,20 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part.casefold() for part in re.split(r"(\d+)", name)]
 
 
+def _too_many_pixels(path: Path, error: Exception) -> DataError:
+    return DataError(f"{path} is larger than Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,} "
+                     f"pixels ({error}); cut it into smaller images, or if you trust the file raise "
+                     "PIL.Image.MAX_IMAGE_PIXELS before loading it.")
+
+
 def _open(path: Path) -> Image.Image:
     try:
         with Image.open(path) as opened:
             opened.load()
             pages = getattr(opened, "n_frames", 1)
             page = opened.copy()
+    except Image.DecompressionBombError as error:
+        raise _too_many_pixels(path, error) from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"cannot read the image {path} ({type(error).__name__}: {error}). "
                         "Check that it is a complete PNG/TIFF file; re-export or re-download it.") from None
@@ -270,7 +329,10 @@ def _unit_grey(page: Image.Image, source: str) -> np.ndarray:
         return (values / 65535).astype(np.float32)
     if page.mode == "F":
         values = np.asarray(page, dtype=np.float32)
-        if not np.all(np.isfinite(values)) or values.min(initial=0) < 0 or values.max(initial=0) > 1:
+        if not np.all(np.isfinite(values)):
+            raise DataError(f"image {source} holds {int((~np.isfinite(values)).sum())} NaN or infinite pixels; "
+                            "fix or drop the image (a model cannot learn from or predict on them).")
+        if values.min(initial=0) < 0 or values.max(initial=0) > 1:
             raise DataError(f"image {source} is a float image with values outside [0, 1]; "
                             "rescale it to [0, 1] or save it as 8-bit greyscale.")
         return values.copy()
@@ -279,7 +341,9 @@ def _unit_grey(page: Image.Image, source: str) -> np.ndarray:
 
 
 def _label_values(page: Image.Image) -> np.ndarray:
-    if page.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if page.mode == "F":                     # target_from_label refuses fractions and NaN
+        return np.asarray(page, dtype=np.float64)
+    if page.mode in ("I;16", "I;16B", "I;16L", "I"):
         return np.asarray(page).astype(np.int64)
     return np.asarray(page.convert("L"))
 
@@ -406,6 +470,8 @@ def _tiff_pages(path: Path) -> list[Image.Image]:
     try:
         with Image.open(path) as stack:
             return [page.copy() for page in ImageSequence.Iterator(stack)]
+    except Image.DecompressionBombError as error:
+        raise _too_many_pixels(path, error) from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"cannot read the TIFF stack {path} ({type(error).__name__}: {error}).") from None
 
@@ -468,15 +534,42 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _download_verified(url: str, cache: Path, name: str, expected: str, timeout: float) -> None:
-    """Fetch url into a temporary file beside cache/name, check its sha256, then rename it
-    (tinyunet/files.py: a failed download or check leaves no file behind)."""
+MAX_DOWNLOAD_BYTES = 64 << 20      # per file; the ISBI slices are about 0.3 MB each
+
+
+def cache_path(cache: Path, name: str) -> Path:
+    """cache/name for a name such as 'train/image/0.png', refusing any name that would land
+    outside the cache folder (absolute, '..', a drive or backslashes).
+    Proof: test_download_names_stay_inside_the_cache."""
+    parts = name.split("/")
+    if (not name or name.startswith("/") or "\\" in name or ":" in name or "\0" in name
+            or any(part in ("", ".", "..") for part in parts)):
+        raise DataError(f"download name {name!r} must be a relative path inside the cache folder, such as "
+                        "'train/image/0.png' (no leading '/', no '..', no empty parts, no backslashes)")
+    return cache.joinpath(*parts)
+
+
+def _download_verified(url: str, cache: Path, name: str, expected: str, timeout: float,
+                       max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
+    """Fetch url into a temporary file beside cache/name, check its size (at most max_bytes)
+    and sha256, then rename it (tinyunet/files.py: a failed download or check leaves no file)."""
+
+    def too_large(size):
+        return DownloadError(f"{name} from {url} is larger than {max_bytes:,} bytes ({size}); that is not an "
+                             f"ISBI slice: check base_url, or pass a larger max_bytes")
 
     def fetch_and_verify(stream):
         digest = hashlib.sha256()
+        received = 0
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:
+                declared = response.headers.get("Content-Length")
+                if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                    raise too_large(f"Content-Length {int(declared):,}")
                 for chunk in iter(lambda: response.read(1 << 16), b""):
+                    received += len(chunk)
+                    if received > max_bytes:
+                        raise too_large("the transfer went past it")
                     digest.update(chunk)
                     stream.write(chunk)
         except urllib.error.HTTPError as error:
@@ -493,11 +586,11 @@ def _download_verified(url: str, cache: Path, name: str, expected: str, timeout:
             raise ChecksumError(f"{name} downloaded from {url} failed verification: expected sha256 {expected}, "
                                 f"got {actual}. The file was deleted; try again, or check base_url.")
 
-    atomic_write(cache / name, fetch_and_verify, suffix=".part")
+    atomic_write(cache_path(cache, name), fetch_and_verify, suffix=".part")
 
 
 def download_isbi2012(cache_dir=None, base_url: str = DEFAULT_ISBI_URL, expected_sha256: dict[str, str] | None = None,
-                      timeout: float = 30.0, progress: bool = True) -> Path:
+                      timeout: float = 30.0, progress: bool = True, max_bytes: int = MAX_DOWNLOAD_BYTES) -> Path:
     """Download the public ISBI 2012 slices (zhixuhao/unet's data/membrane) into cache_dir.
 
     Fetches every name in expected_sha256 (default: the 90 shipped sums, train/image/N.png,
@@ -505,16 +598,25 @@ def download_isbi2012(cache_dir=None, base_url: str = DEFAULT_ISBI_URL, expected
     sha256 matches is reused without a request. Each download goes to a temporary file, is
     verified, then renamed into place; a mismatch deletes it and raises ChecksumError naming
     the file, the expected and the actual hash. HTTP errors and timeouts raise DownloadError.
+    Names must stay inside cache_dir (no '..', no absolute paths) and each file may be at most
+    max_bytes: both are checked, the names before any request.
     Returns cache_dir, which then holds train/image, train/label and test (load_folder ready).
-    Proof: test_download_verifies_and_reuses_the_cache, test_download_errors_are_named.
+    Proof: test_download_verifies_and_reuses_the_cache, test_download_errors_are_named,
+    test_download_names_stay_inside_the_cache.
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     sums = isbi2012_sha256() if expected_sha256 is None else dict(expected_sha256)
+    for name, digest in sums.items():
+        cache_path(cache, name)
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            raise DataError(f"the expected sha256 of {name!r} must be 64 hexadecimal digits, got {digest!r}")
+    if not (isinstance(max_bytes, int) and max_bytes > 0):
+        raise DataError(f"max_bytes must be a positive integer, got {max_bytes!r}")
     for name in tqdm(sorted(sums, key=natural_key), desc="ISBI 2012", unit="file", disable=not progress):
-        cached = cache / name
+        cached = cache_path(cache, name)
         if cached.is_file() and _sha256(cached) == sums[name].lower():
             continue
-        _download_verified(f"{base_url.rstrip('/')}/{name}", cache, name, sums[name].lower(), timeout)
+        _download_verified(f"{base_url.rstrip('/')}/{name}", cache, name, sums[name].lower(), timeout, max_bytes)
     return cache
 
 
@@ -617,6 +719,9 @@ def random_crops(dataset: Dataset, size: int, batch: int, rng: np.random.Generat
         raise DataError("random_crops needs a labelled dataset (targets); this one has images only.")
     if not isinstance(rng, np.random.Generator):
         raise DataError(f"rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
+    for name, value in (("crop size", size), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise DataError(f"random_crops: the {name} must be a whole number >= 1, got {value!r}")
     smallest = min(range(len(dataset)), key=lambda i: min(dataset.images[i].shape))
     if size > min(dataset.images[smallest].shape):
         h, w = dataset.images[smallest].shape

@@ -27,11 +27,13 @@ reduction overlaps the rest of the backward pass (PyTorch DDP), which needs a no
 Iallreduce started from inside UNet.backward as each layer's gradient appears; not done
 here. The cost: one copy of the gradients (124 MB of memory, about 30 ms per step).
 
-Failures. A rank that fails during a step (bad data, an exception in forward or backward)
-still joins the step's first collective, a small allgather of (error or None, loss): every
+Failures. The checks before any work (options, run folder, data) run on every rank through
+``Communicator.together``: all pass, or every rank raises, with the single-process message when
+all refused alike and naming the failed ranks otherwise. A rank that fails during a step (bad
+data, an exception in forward or backward) still joins the step's first collective, a small allgather of (error or None, loss): every
 rank sees who failed and raises RankFailedError naming that rank and its error, instead of
-waiting for ever in the Allreduce. An error elsewhere (a full disk on rank 0, data missing on
-one node) leaves the other ranks waiting in their next collective: whoever catches it calls
+waiting for ever in the Allreduce. An error elsewhere (a full disk on rank 0) leaves the other
+ranks waiting in their next collective: whoever catches it calls
 ``Communicator.abort``, which prints it with the rank's number and stops every process
 (MPI_Abort); examples/train_membranes.py does so for every error but the DistributedErrors,
 which every rank raises together.
@@ -72,7 +74,12 @@ class ConfigMismatchError(DistributedError):
 
 
 class RankFailedError(DistributedError):
-    """A rank failed during a training step; every rank stops."""
+    """A rank failed during a training step, or in checks the others passed; every rank stops."""
+
+
+class RefusedError(DistributedError):
+    """Every rank refused alike (bad option, a run folder that holds a run): the message is
+    the one a single process gives."""
 
 
 def launched_size() -> int:
@@ -163,6 +170,24 @@ class Communicator:
         raise ConfigMismatchError(
             f"the {self.size} ranks were not started alike ({what} differs from rank 0's): " + "; ".join(lines)
             + ". Every rank must get the same command line, the same data files and the same checkpoint")
+
+    def together(self, function, *args):
+        """``function(*args)`` on every rank, which must all call this; its result when no rank
+        raised. Otherwise every rank raises: RefusedError with the message when all raised the
+        same (checks that read the same options and disk), RankFailedError naming each rank's
+        error when they differ, instead of the ranks that passed waiting for ever."""
+        failure, result = None, None
+        try:
+            result = function(*args)
+        except Exception as error:
+            failure = error
+        reports = self.comm.allgather(None if failure is None else f"{type(failure).__name__}: {failure}")
+        if all(text is None for text in reports):
+            return result
+        if all(text == reports[0] for text in reports):
+            raise RefusedError(str(failure)) from failure
+        named = "; ".join(f"rank {rank} failed: {text}" for rank, text in enumerate(reports) if text is not None)
+        raise RankFailedError(f"{named}. Every rank stops") from failure
 
     # -- one step ---------------------------------------------------------------------------------
     def average_gradients(self, grads: dict, loss: float, failure: BaseException | None = None,

@@ -93,15 +93,41 @@ def auto_tile(config, shape, margin: int, largest: int = 1024) -> int:
     return next(s for s in range(512, 16, -1) if output_size(s, config.depth, config.padding))
 
 
+def check_prediction_input(image, tile, margin, batch) -> np.ndarray:
+    """The image as float32, after refusing what would predict garbage: not (H, W), not numbers,
+    integers (0..255 is not [0, 1]), NaN or inf, values outside [0, 1]; and tile, margin and
+    batch that are not whole numbers in range. Proof: tests/test_examples.py::test_predict_probability_refuses_bad_input."""
+    def refuse(what):
+        raise ValueError(f"predict_probability: {what}")
+
+    array = np.asarray(image)
+    if array.ndim != 2:
+        refuse(f"expected one (H, W) grey image, got shape {array.shape}")
+    if array.dtype.kind in "ui":
+        refuse(f"the image is {array.dtype} (0..{np.iinfo(array.dtype).max}); give floats in [0, 1]: divide by "
+               f"{np.iinfo(array.dtype).max} (tinyunet.data.read_image does)")
+    if array.dtype.kind not in "fb":
+        refuse(f"the image must hold numbers in [0, 1], got dtype {array.dtype}")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        refuse(f"{int((~np.isfinite(array)).sum())} pixels of the image are NaN or infinite; fix or drop the image")
+    if array.size and (array.min() < 0 or array.max() > 1):
+        refuse(f"image values run from {array.min():g} to {array.max():g}; give values in [0, 1]")
+    for name, value, low in (("tile", tile, 1), ("margin", margin, 0), ("batch", batch, 1)):
+        if value is None and name == "tile":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            refuse(f"{name} must be a whole number >= {low}, got {value!r}")
+    return array
+
+
 def predict_probability(model, image, tile: int | None = None, margin: int = 32, tta: bool = False,
                         batch: int = 2) -> np.ndarray:
     """Membrane probability (H, W) float32 of an (H, W) image in [0, 1], any size.
 
     tile None: one tile for the whole image where that fits (see auto_tile), else 512.
     """
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 2:
-        raise ValueError(f"predict_probability: expected one (H, W) grey image, got shape {image.shape}")
+    image = check_prediction_input(image, tile, margin, batch)
     if tile is None:
         tile = auto_tile(model.config, image.shape, margin)
     was_training = getattr(model, "training", False)

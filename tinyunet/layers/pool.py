@@ -39,8 +39,10 @@ from .base import Layer, LayerInputError
 class MaxPool2d(Layer):
     _saved = ("_x_shape", "_argmax")
 
-    def __init__(self, kernel_size: int = 2, stride: int | None = None, name: str | None = None):
+    def __init__(self, kernel_size: int = 2, stride: int | None = None, name: str | None = None,
+                 return_indices: bool = False):
         super().__init__(name)
+        self.return_indices = bool(return_indices)   # forward returns (y, indices): see indices()
         if int(kernel_size) < 1 or (stride is not None and int(stride) < 1):
             raise ValueError(f"{self._label()}: kernel_size and stride must be >= 1, "
                              f"got {kernel_size} and {stride}")
@@ -73,16 +75,16 @@ class MaxPool2d(Layer):
             cpu_layers.maxpool_forward(x.reshape(n * c, *x.shape[2:]), y.reshape(n * c, oh, ow),
                                     argmax.reshape(n * c, oh, ow), self.kernel_size, self.stride)
             self._x_shape, self._argmax, self._dtype = x.shape, argmax, x.dtype
-            return y
+            return (y, self.indices()) if self.return_indices else y
         views = self._window_views(x, oh, ow)
         y = views[0].copy()
         argmax = xp.zeros(y.shape, dtype=xp.int8)     # window offset index i*k + j
         for offset, candidate in enumerate(views[1:], start=1):
             better = candidate > y                    # strict: a tie keeps the earlier (first) max
             xp.copyto(y, candidate, where=better)
-            argmax[better] = offset
+            xp.copyto(argmax, np.int8(offset), where=better)  # no mask count read back (a GPU sync)
         self._x_shape, self._argmax, self._dtype = x.shape, argmax, x.dtype
-        return y
+        return (y, self.indices()) if self.return_indices else y
 
     def backward(self, dy):
         """dy: (N, C, OH, OW) -> dx: (N, C, H, W), each dy routed to its window's argmax."""
@@ -98,3 +100,69 @@ class MaxPool2d(Layer):
         for offset, target in enumerate(self._window_views(dx, oh, ow)):
             target += xp.where(self._argmax == offset, dy, 0)  # += : windows may overlap
         return dx
+
+    # -- the argmax as flat indices, for MaxUnpool2d (SegNet's decoder) ------------------------
+    def indices(self):
+        """The last forward's argmax as flat indices into each input plane, PyTorch's
+        convention: (N, C, OH, OW) int64, idx = (oh*s + i) * W + (ow*s + j) for the window
+        offset (i, j) of the max (the first one at a tie, as the backward above).
+        ``MaxPool2d(2, return_indices=True).forward(x)`` returns (y, indices()).
+        Test: tests/test_unpool.py (against torch.nn.functional.max_pool2d's indices)."""
+        if self._argmax is None:
+            raise RuntimeError(f"{self._label()}: indices() called before forward()")
+        xp = get_array_module(self._argmax)
+        k, s = self.kernel_size, self.stride
+        width = self._x_shape[3]
+        oh, ow = self._argmax.shape[2:]
+        offset = self._argmax.astype(xp.int64)
+        row = xp.arange(oh, dtype=xp.int64)[:, None] * s + offset // k
+        col = xp.arange(ow, dtype=xp.int64)[None, :] * s + offset % k
+        return row * width + col
+
+
+class CeilMaxPool2d(MaxPool2d):
+    """Max pooling that rounds the output size UP, as Caffe (and FCN's and SegNet's reference
+    models) do: OH = ceil((H - k) / s) + 1, the last window hanging over the bottom/right edge
+    and taking the max of what it covers. PyTorch's ``ceil_mode=True``.
+
+    Done with the layer above on an input padded at the bottom/right with -inf to
+    (OH - 1) * s + k rows: -inf never wins a window that holds a real value, and every window
+    starts inside the input (its start (OH - 1) * s <= H - 1 whenever k >= s), so y, the argmax,
+    the ties and the gradient are those of the unpadded definition; the backward drops the
+    padding's rows (they got no gradient). ``indices()`` counts positions in the unpadded plane.
+    Why FCN needs it: its crops fit only if no row is floored away (with floor rounding 25, 109
+    and 277 of the square input sizes 1-699 do not fit FCN-8s, -16s and -32s; with ceil, all do).
+    Tests: tests/test_fcn.py (against torch max_pool2d with ceil_mode=True, indices included).
+    """
+
+    def output_shape(self, x_shape):
+        n, c, h, w = x_shape
+        k, s = self.kernel_size, self.stride
+        return (n, c, -(-max(h - k, 0) // s) + 1, -(-max(w - k, 0) // s) + 1)
+
+    def forward(self, x):
+        """x: (N, C, H, W) -> y: (N, C, OH, OW) with OH rounded up (and the indices, if asked)."""
+        self._check_array(x)
+        xp = get_array_module(x)
+        n, c, oh, ow = self.output_shape(x.shape)
+        k, s = self.kernel_size, self.stride
+        if k < s:
+            raise LayerInputError(f"{self._label()}: ceil rounding needs kernel >= stride (a last window could "
+                                  f"start outside the input), got {k} and {s}")
+        rows, cols = (oh - 1) * s + k - x.shape[2], (ow - 1) * s + k - x.shape[3]
+        self._unpadded_shape = x.shape
+        if rows or cols:
+            x = xp.pad(x, ((0, 0), (0, 0), (0, rows), (0, cols)), constant_values=-np.inf)
+        return super().forward(x)
+
+    def backward(self, dy):
+        """dy: (N, C, OH, OW) -> dx: (N, C, H, W), the padding's rows dropped."""
+        dx = super().backward(dy)
+        h, w = self._unpadded_shape[2:]
+        return dx if dx.shape[2:] == (h, w) else get_array_module(dx).ascontiguousarray(dx[:, :, :h, :w])
+
+    def indices(self):
+        """Flat argmax positions in the UNPADDED H x W plane (see MaxPool2d.indices)."""
+        padded_width, width = self._x_shape[3], self._unpadded_shape[3]
+        idx = super().indices()
+        return (idx // padded_width) * width + idx % padded_width
