@@ -178,6 +178,19 @@ def test_same_padding_output_is_ceil_of_size_over_stride(size, stride, expected)
     assert layer.forward(np.zeros((1, 1, size, size), np.float32)).shape[2:] == (expected, expected)
 
 
+def test_same_padding_is_computed_per_axis():
+    """TensorFlow's 'same' rule on each axis with that axis's kernel side, stride and size:
+    ceil(size / stride) outputs, the odd zero after."""
+    from tinyunet.layers.conv import resolve_padding
+    assert resolve_padding("same", (3, 3), (2, 1), (8, 8)) == ((0, 1), (1, 1))
+    assert resolve_padding("same", (3, 3), (1, 2), (8, 8)) == ((1, 1), (0, 1))
+    assert resolve_padding("same", (2, 3), (1, 1), (5, 6)) == ((0, 1), (1, 1))
+    assert resolve_padding("same", (3, 1), (1, 1), (4, 9)) == ((1, 1), (0, 0))
+    assert resolve_padding("same", (3, 3), (2, 2), (7, 8)) == ((1, 1), (0, 1))
+    layer = Conv2d(1, 1, (3, 2), padding="same", stride=(2, 1), seed=0, dtype=np.float64)
+    assert layer.forward(np.zeros((1, 1, 7, 5))).shape[2:] == (4, 5)
+
+
 # -- MaxPool2d ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", PATHS)

@@ -323,6 +323,21 @@ def test_center_crop_forward_backward():
         crop.forward(x, (10, 4))
 
 
+def test_center_crop_with_an_odd_difference():
+    """An odd difference drops the extra row at the bottom and the extra column at the right
+    (the documented rule); non-square sizes, so rows and columns cannot stand in for each other."""
+    rng = np.random.default_rng(2)
+    crop = CenterCrop2d()
+    x = rng.standard_normal((1, 2, 6, 9))
+    y = crop.forward(x, (3, 4))                               # top (6-3)//2 = 1, left (9-4)//2 = 2
+    assert np.array_equal(y, x[:, :, 1:4, 2:6])
+    r = rng.standard_normal(y.shape)
+    dx = crop.backward(r)
+    assert np.array_equal(dx[:, :, 1:4, 2:6], r) and np.count_nonzero(dx) == np.count_nonzero(r)
+    numeric = numerical_gradient(lambda: float((crop.forward(x, (3, 4)) * r).sum()), x)
+    assert relative_error(dx, numeric) < 1e-9
+
+
 # ---------------------------------------------------------------------------------------------
 # whole-network gradient proofs
 # ---------------------------------------------------------------------------------------------
