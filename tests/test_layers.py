@@ -261,13 +261,24 @@ def test_maxpool_tie_sends_the_gradient_to_the_first_maximum_only():
     np.testing.assert_array_equal(dx, [[[[0.0, 5.0], [0.0, 0.0]]]])
 
 
-def test_maxpool_overlapping_windows_add_their_gradients():
+@pytest.mark.parametrize("path", PATHS)
+def test_maxpool_overlapping_windows_add_their_gradients(path):
     layer = MaxPool2d(kernel_size=2, stride=1)
     x = np.array([[[[0.0, 0.1, -1.0], [0.2, 9.0, -1.0]]]])   # 9 is the max of both 2x2 windows
-    y = layer.forward(x)
-    assert y.shape == (1, 1, 1, 2) and np.all(y == 9.0)
-    dx = layer.backward(np.array([[[[1.0, 2.0]]]]))
+    with layer_path(path):
+        assert cpu_layers.serves(x) == (path == "numba")
+        y = layer.forward(x)
+        assert y.shape == (1, 1, 1, 2) and np.all(y == 9.0)
+        dx = layer.backward(np.array([[[[1.0, 2.0]]]]))
     assert dx[0, 0, 1, 1] == 3.0 and dx.sum() == 3.0
+    # a 3x3 window at stride 1 over a 4x4 peak: the peak is the max of all four windows
+    x = np.zeros((1, 1, 4, 4))
+    x[0, 0, 1, 2] = 5.0
+    with layer_path(path):
+        layer = MaxPool2d(3, 1)
+        layer.forward(x)
+        dx = layer.backward(np.array([[[[1.0, 2.0], [4.0, 8.0]]]]))
+    assert dx[0, 0, 1, 2] == 15.0
 
 
 def test_maxpool_directional_on_larger_input():

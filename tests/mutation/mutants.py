@@ -155,7 +155,7 @@ MUTANTS = [
            [f"{L}::test_maxpool_gradients_by_central_differences"]),
     Mutant("maxpool-numba-overlap-assign", "overlapping windows assign their gradient (Numba path)",
            [(CL, "dx[p, oh * s + i, ow * s + j] += dy[p, oh, ow]", "dx[p, oh * s + i, ow * s + j] = dy[p, oh, ow]")],
-           [f"{L}::test_maxpool_gradients_by_central_differences"]),
+           [f"{L}::test_maxpool_overlapping_windows_add_their_gradients"]),
     Mutant("maxpool-numba-argmax-transposed", "the Numba max-pool records the argmax offset as j*k + i",
            [(CL, "                                where = i * k + j", "                                where = j * k + i")],
            [f"{L}::test_maxpool_gradients_by_central_differences"]),
