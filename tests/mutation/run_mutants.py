@@ -1,7 +1,8 @@
 """Plant each bug of tests/mutation/mutants.py, one at a time, run the tests named for it, and
 report which were caught: the check that the tests can fail, run on the whole list at once.
 
-    python tests/mutation/run_mutants.py                 # every mutant (about 15-30 min here)
+    python tests/mutation/run_mutants.py                 # every mutant (39 min here: a mutant of a
+                                                         # Numba file recompiles it, Winograd 2-5 min)
     python tests/mutation/run_mutants.py relu maxpool    # the mutants whose name contains a word
     python tests/mutation/run_mutants.py --list          # names, bugs, tests; plants nothing
     python tests/mutation/run_mutants.py --check         # every edit matches exactly once
