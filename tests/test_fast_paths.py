@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import image_shapes, pool_geometries, seeds
 
 from tinyunet import kernels
 from tinyunet.layers import MaxPool2d, ReLU, UpConv2d, Upsample2d
@@ -20,10 +23,13 @@ from tinyunet.optim import Adam
 pytestmark = pytest.mark.skipif(njit is None, reason="Numba is not installed")
 
 
-@pytest.fixture(autouse=True)
-def numba_for_small_arrays(monkeypatch):
-    """The kernels serve only large arrays; these tests use small ones, so lower the bar."""
-    monkeypatch.setattr(cpu_layers, "PARALLEL_MIN_SIZE", 1)
+@pytest.fixture(autouse=True, scope="module")
+def numba_for_small_arrays():
+    """The kernels serve only large arrays; these tests use small ones, so lower the bar
+    (module-scoped: hypothesis runs many examples per test function)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_layers, "PARALLEL_MIN_SIZE", 1)
+        yield
 
 
 def both_paths(run, *arrays):
@@ -47,28 +53,32 @@ def assert_same(a, b):
     np.testing.assert_array_equal(a, b)          # exact, NaN equal to NaN
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("kernel,stride,shape", [(2, None, (2, 3, 8, 6)), (2, None, (1, 2, 7, 9)),
-                                                 (3, 2, (2, 2, 9, 8)), (2, 1, (1, 3, 5, 6)),
-                                                 (3, 3, (1, 1, 10, 11)), (2, 3, (1, 2, 8, 8))])
-def test_maxpool_numba_equals_numpy(dtype, kernel, stride, shape):
-    rng = np.random.default_rng(0)
-    x = rng.integers(-3, 4, shape).astype(dtype)  # small integers: many ties
-    x.reshape(-1)[::17] = np.nan                    # and NaN, which both paths treat alike
-    dy = rng.standard_normal(MaxPool2d(kernel, stride).output_shape(shape)).astype(dtype)
+DTYPES = st.sampled_from([np.float32, np.float64])
+
+
+@settings(max_examples=15)
+@given(g=pool_geometries(max_size=10), dtype=DTYPES, seed=seeds)
+def test_maxpool_numba_equals_numpy(g, dtype, seed):
+    """Hypothesis-drawn geometries (overlapping, disjoint and gapped windows, sizes that do not
+    divide); small integers, so many ties, and NaN, which both paths treat alike."""
+    rng = np.random.default_rng(seed)
+    shape = (g["n"], g["c"], g["h"], g["w"])
+    x = rng.integers(-3, 4, shape).astype(dtype)
+    x.reshape(-1)[rng.integers(0, 17)::17] = np.nan
+    dy = rng.standard_normal(MaxPool2d(g["kernel"], g["stride"]).output_shape(shape)).astype(dtype)
 
     def run():
-        layer = MaxPool2d(kernel, stride)
+        layer = MaxPool2d(g["kernel"], g["stride"])
         y = layer.forward(x)
         return y, layer._argmax, layer.backward(dy)
     # overlapping windows too: both add a pixel's shares offset by offset, in one order
     assert_same(*both_paths(run, x, dy))
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("scale,shape", [(2, (2, 3, 4, 5)), (3, (1, 2, 3, 2)), (1, (1, 1, 2, 2))])
-def test_upsample_numba_equals_numpy(dtype, scale, shape):
-    rng = np.random.default_rng(1)
+@settings(max_examples=15)
+@given(shape=image_shapes(max_size=5), scale=st.integers(1, 3), dtype=DTYPES, seed=seeds)
+def test_upsample_numba_equals_numpy(shape, scale, dtype, seed):
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape).astype(dtype)
     dy = rng.standard_normal(shape[:2] + (shape[2] * scale, shape[3] * scale)).astype(dtype)
 
@@ -81,6 +91,27 @@ def test_upsample_numba_equals_numpy(dtype, scale, shape):
     tolerance = 1e-6 if dtype == np.float32 else 1e-14
     np.testing.assert_allclose(dx_fast, dx_ref, rtol=tolerance, atol=tolerance * np.abs(dy).max())
     assert dx_fast.dtype == dtype
+
+
+@settings(max_examples=10)
+@given(shape=image_shapes(max_size=9), dtype=DTYPES, seed=seeds)
+def test_relu_numba_equals_numpy_on_drawn_shapes(shape, dtype, seed):
+    """Zeros of both signs, NaN and infinities sprinkled over a drawn shape."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(dtype)
+    special = np.array([np.nan, 0.0, -0.0, np.inf, -np.inf, 0.0, -0.0], dtype=dtype)
+    flat = x.reshape(-1)
+    where = rng.integers(0, flat.size, size=min(flat.size, 7))
+    flat[where] = special[:where.size]
+    dy = rng.standard_normal(shape).astype(dtype)
+
+    def run():
+        layer = ReLU()
+        y = layer.forward(x)
+        return y, layer._positive, layer.backward(dy)
+    reference, fast = both_paths(run, x, dy)
+    assert_same(reference, fast)
+    assert not fast[1][x == 0].any()            # 0.0 and -0.0: no gradient (PyTorch's rule)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -130,18 +161,19 @@ def test_non_contiguous_inputs_take_the_numpy_path():
     np.testing.assert_array_equal(ReLU().forward(x), np.maximum(x, 0))
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape,bias", [((2, 3, 4, 5), True), ((1, 2, 1, 3), False), ((1, 1, 3, 1), True)])
-def test_upconv_numba_data_movement_equals_numpy(dtype, shape, bias):
+@settings(max_examples=15)
+@given(shape=image_shapes(max_size=6), f=st.integers(1, 4), bias=st.booleans(), dtype=DTYPES, seed=seeds)
+def test_upconv_numba_data_movement_equals_numpy(shape, f, bias, dtype, seed):
     """UpConv2d's four Numba kernels (columns, interleave, split, gather) against its NumPy
-    path: the same additions in the same order, so the same bits."""
-    rng = np.random.default_rng(4)
+    path on drawn shapes (one row or one column included): the same additions in the same
+    order, so the same bits."""
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape).astype(dtype)
-    dy = rng.standard_normal((shape[0], 3, 2 * shape[2], 2 * shape[3])).astype(dtype)
-    b = rng.standard_normal(3)
+    dy = rng.standard_normal((shape[0], f, 2 * shape[2], 2 * shape[3])).astype(dtype)
+    b = rng.standard_normal(f)
 
     def run():
-        layer = UpConv2d(shape[1], 3, bias=bias, seed=0, dtype=dtype)
+        layer = UpConv2d(shape[1], f, bias=bias, seed=0, dtype=dtype)
         if bias:
             layer.params["bias"][...] = b
         y = layer.forward(x)

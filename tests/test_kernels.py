@@ -27,7 +27,8 @@ from tinyunet.kernels.geometry import cols_shape, normalize
 
 @st.composite
 def geometries(draw, max_size=7, max_channels=3):
-    """dict(shape, kernel, padding, stride, dtype, seed): a window always fits the padded input."""
+    """dict(shape, kernel, padding, stride, dtype, seed): a window always fits the padded input;
+    the kernel sides, the paddings and the strides are drawn per axis."""
     kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     pads = st.integers(0, 2)
     if draw(st.booleans()):                       # symmetric, as an int pair
@@ -39,7 +40,8 @@ def geometries(draw, max_size=7, max_channels=3):
     h = draw(st.integers(max(1, kh - pt - pb), max_size))
     w = draw(st.integers(max(1, kw - pl - pr), max_size))
     shape = (draw(st.integers(1, 2)), draw(st.integers(1, max_channels)), h, w)
-    return dict(shape=shape, kernel=(kh, kw), padding=padding, stride=draw(st.sampled_from([1, 2])),
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))   # per axis: (2, 1) and (1, 2) too
+    return dict(shape=shape, kernel=(kh, kw), padding=padding, stride=stride,
                 dtype=draw(st.sampled_from([np.float32, np.float64])), seed=draw(st.integers(0, 2**32 - 1)))
 
 
@@ -122,7 +124,7 @@ def test_cpu_im2col_with_streaming_stores_equals_reference(g, offset):
     assert out.ctypes.data % 64 == 4 * offset
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cpu, "STREAM_MIN_BYTES", 0)
-        assert cpu.streams(out, normalize(x.shape, *args(g))[2][1]) == (g["stride"] == 1)
+        assert cpu.streams(out, normalize(x.shape, *args(g))[2][1]) == (g["stride"][1] == 1)
         assert cpu.im2col(x, *args(g), out=out) is out
     np.testing.assert_array_equal(out, reference.im2col(x, *args(g)))
 
@@ -191,7 +193,8 @@ def test_cpu_on_a_larger_input_with_both_strides():
     vectorised copies are exercised (the hypothesis inputs above are tiny)."""
     rng = np.random.default_rng(7)
     x = rng.standard_normal((2, 5, 37, 29)).astype(np.float32)
-    for kernel, padding, stride in [(3, 1, 1), (2, ((0, 1), (0, 1)), 1), (3, ((2, 0), (1, 2)), 2)]:
+    for kernel, padding, stride in [(3, 1, 1), (2, ((0, 1), (0, 1)), 1), (3, ((2, 0), (1, 2)), 2),
+                                    ((3, 2), ((1, 0), (0, 1)), (2, 1)), ((2, 3), 1, (1, 2))]:
         cols = cpu.im2col(x, kernel, padding, stride)
         np.testing.assert_array_equal(cols, reference.im2col(x, kernel, padding, stride))
         np.testing.assert_allclose(cpu.col2im(cols, x.shape, kernel, padding, stride),
@@ -293,35 +296,54 @@ def conv_cases(draw):
     return dict(g, f=draw(st.integers(1, 4)), dtype=np.float64)
 
 
+def conv2d_naive_backward(x, weight, dy, padding, stride):
+    """(dx, dW, db) of y = conv(x, W) + b by the definition, window by window: each output
+    pixel's dy[n, :, r, q] adds W^T dy to its window of dx and dy x^T to dW. The oracle of the
+    backward, independent of im2col/col2im and of every method."""
+    f, c, kh, kw = weight.shape
+    (pt, pb), (pl, pr) = padding
+    sh, sw = stride
+    n, _, h, w = x.shape
+    x_pad = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    dx_pad, dw = np.zeros_like(x_pad), np.zeros_like(weight)
+    for b in range(n):
+        for r in range(dy.shape[2]):
+            for q in range(dy.shape[3]):
+                g = dy[b, :, r, q][:, None, None, None]                     # (F, 1, 1, 1)
+                window = (slice(r * sh, r * sh + kh), slice(q * sw, q * sw + kw))
+                dw += g * x_pad[b, :, window[0], window[1]][None]
+                dx_pad[b, :, window[0], window[1]] += (g * weight).sum(axis=0)
+    return dx_pad[:, :, pt:pt + h, pl:pl + w], dw, dy.sum(axis=(0, 2, 3))
+
+
 @pytest.mark.parametrize("method", ["auto", "im2col", "flip", "shifted", "winograd"])
 @settings(max_examples=15)
 @given(g=conv_cases())
 def test_conv_methods_agree_with_the_naive_loops(method, g):
-    """Every method gives conv2d_naive's y, and the same dx, dW, db as plain im2col.
-    (A method that cannot do a geometry, e.g. 'flip' at stride 2, falls back to im2col.)"""
+    """Every method gives conv2d_naive's y and conv2d_naive_backward's dx, dW, db (the
+    definition, not another method). A method that cannot do a geometry (e.g. 'flip' at
+    stride 2) falls back to im2col, and the test then says so by what it asserts."""
     from tinyunet.layers import Conv2d, conv2d_naive
     from tinyunet.layers import conv
-    n, c, h, w = g["shape"]
     rng = np.random.default_rng(g["seed"])
-    layer = Conv2d(c, g["f"], g["kernel"], padding=g["padding"], stride=g["stride"], seed=g["seed"] % 1000,
-                   dtype=np.float64)
+    layer = Conv2d(g["shape"][1], g["f"], g["kernel"], padding=g["padding"], stride=g["stride"],
+                   seed=g["seed"] % 1000, dtype=np.float64)
     layer.params["bias"] = rng.standard_normal(g["f"])
     x = rng.standard_normal(g["shape"])
-    with conv.using_method("im2col"):
-        expected_y = layer.forward(x)
-        dy = rng.standard_normal(expected_y.shape)
-        expected_dx = layer.backward(dy)
-        expected_grads = {k: v.copy() for k, v in layer.grads.items()}
-    np.testing.assert_allclose(expected_y, conv2d_naive(x, layer.params["weight"], layer.params["bias"],
-                                                        g["padding"], g["stride"]), rtol=1e-10, atol=1e-12)
+    expected_y = conv2d_naive(x, layer.params["weight"], layer.params["bias"], g["padding"], g["stride"])
+    dy = rng.standard_normal(expected_y.shape)
+    expected_dx, expected_dw, expected_db = conv2d_naive_backward(x, layer.params["weight"], dy, g["padding"],
+                                                                  g["stride"])
     with conv.using_method(method):
         y = layer.forward(x)
         dx = layer.backward(dy)
+        ran = conv._resolve_method(layer.params["weight"], g["padding"], g["stride"], x.shape)
+    assert ran == method or method == "auto" or not conv.method_applies(method, g["kernel"], g["padding"],
+                                                                        g["stride"])
     np.testing.assert_allclose(y, expected_y, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(dx, expected_dx, rtol=1e-10, atol=1e-12)
-    for name, grad in layer.grads.items():
-        assert grad.shape == layer.params[name].shape
-        np.testing.assert_allclose(grad, expected_grads[name], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(layer.grads["weight"], expected_dw, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(layer.grads["bias"], expected_db, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["im2col", "flip", "shifted", "winograd"])

@@ -33,7 +33,8 @@ SIMULATOR = cuda_kernels.SIMULATOR
 
 @st.composite
 def tiny_geometries(draw):
-    """Small enough for the simulator: at most 2*2*3*3*5*5 = 900 simulated threads."""
+    """Small enough for the simulator: at most 2*2*3*3*5*5 = 900 simulated threads. Kernel
+    sides, paddings and strides drawn per axis."""
     kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     pads = st.integers(0, 2)
     if draw(st.booleans()):
@@ -45,7 +46,8 @@ def tiny_geometries(draw):
     h = draw(st.integers(max(1, kh - pt - pb), 5))
     w = draw(st.integers(max(1, kw - pl - pr), 5))
     shape = (draw(st.integers(1, 2)), draw(st.integers(1, 2)), h, w)
-    return dict(shape=shape, kernel=(kh, kw), padding=padding, stride=draw(st.sampled_from([1, 2])),
+    return dict(shape=shape, kernel=(kh, kw), padding=padding,
+                stride=(draw(st.integers(1, 2)), draw(st.integers(1, 2))),     # per axis: (2, 1) too
                 dtype=draw(st.sampled_from([np.float32, np.float64])), seed=draw(st.integers(0, 2**32 - 1)))
 
 
@@ -73,6 +75,18 @@ def test_cuda_col2im_equals_reference(g):
     got = cuda_kernels.col2im(cuda.to_device(y), x.shape, *args(g))
     np.testing.assert_allclose(got.copy_to_host(), reference.col2im(y, x.shape, *args(g)),
                                rtol=0, atol=20 * np.finfo(g["dtype"]).eps)
+
+
+@pytest.mark.parametrize("kernel, padding, stride", [((3, 2), ((1, 0), (0, 1)), (2, 1)), ((2, 3), 1, (1, 2))])
+def test_cuda_with_non_square_strides_equals_reference(kernel, padding, stride):
+    """Written down as well as drawn: a row stride read from the column one passes every
+    square stride."""
+    g = dict(shape=(1, 2, 5, 4), kernel=kernel, padding=padding, stride=stride, dtype=np.float64, seed=5)
+    x, y = draw_arrays(g)
+    got = cuda_kernels.im2col(cuda.to_device(x), *args(g))
+    np.testing.assert_array_equal(got.copy_to_host(), reference.im2col(x, *args(g)))
+    back = cuda_kernels.col2im(cuda.to_device(y), x.shape, *args(g))
+    np.testing.assert_allclose(back.copy_to_host(), reference.col2im(y, x.shape, *args(g)), rtol=0, atol=1e-14)
 
 
 def test_cuda_hand_computed_example_and_out_buffer():
@@ -249,7 +263,8 @@ def cupy():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("kernel, padding, stride", [(3, 1, 1), (2, ((0, 1), (0, 1)), 1), (3, ((2, 0), (1, 2)), 2),
-                                                     (1, 0, 1)])
+                                                     (1, 0, 1), ((3, 2), ((1, 0), (0, 1)), (2, 1)),
+                                                     ((2, 3), 1, (1, 2))])
 def test_cuda_on_cupy_arrays_equals_reference(cupy, dtype, kernel, padding, stride):
     """Realistic sizes on CuPy arrays: the CUDA kernels against the reference run by CuPy."""
     rng = np.random.default_rng(11)

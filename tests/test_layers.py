@@ -6,12 +6,17 @@ Plus the behaviour each docstring promises (shapes, dtypes, tie rule, floor, mas
 """
 import numpy as np
 import pytest
-from hypothesis import given
-from strategies import conv_geometries, image_shapes, pool_geometries, seeds
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from paths import PATHS, layer_path
+from strategies import NON_SQUARE_CASES, conv_geometries, image_shapes, pool_geometries, seeds
 
 from tinyunet.gradcheck import check_layer, relative_error
+from tinyunet.kernels import cpu_layers
 from tinyunet.layers import (Concat, Conv2d, Dropout, MaxPool2d, ReLU, Sigmoid, Upsample2d,
                              conv2d_naive)
+from tinyunet.layers import conv
+from tinyunet.layers.conv import resolve_padding
 
 TOLERANCE = 1e-6
 
@@ -62,8 +67,86 @@ def test_conv_gradients_by_central_differences(g, seed):
     assert_gradients_match(errors)
 
 
+@pytest.mark.parametrize("kernel, stride, padding", NON_SQUARE_CASES)
+def test_non_square_kernels_and_strides_by_naive_loops_and_central_differences(kernel, stride, padding):
+    """Row and column geometry differ on purpose: a stride, kernel side or padding read from
+    the other axis changes y or a gradient here (hypothesis draws such cases too)."""
+    rng = np.random.default_rng(17)
+    layer = Conv2d(2, 3, kernel, padding=padding, stride=stride, seed=4, dtype=np.float64)
+    layer.params["bias"][:] = rng.standard_normal(3)
+    x = rng.standard_normal((2, 2, 7, 6))
+    expected = conv2d_naive(x, layer.params["weight"], layer.params["bias"], padding, stride)
+    np.testing.assert_allclose(layer.forward(x), expected, rtol=1e-12, atol=1e-12)
+    assert_gradients_match(check_layer(layer, x, rng=rng))
+
+
+@st.composite
+def method_cases(draw, method):
+    """A geometry that ``method`` computes itself (no fallback to im2col): 'flip' and
+    'shifted' need stride 1 and padding <= kernel - 1, Winograd a 3x3 kernel at stride 1;
+    up to 3 channels each way, so F < C, F = C and F > C all come up."""
+    if method.startswith("winograd"):
+        kh = kw = 3
+    else:
+        kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    if method == "im2col":
+        stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+        pad = st.integers(0, 2)
+        padding = ((draw(pad), draw(pad)), (draw(pad), draw(pad)))
+    else:
+        stride = (1, 1)
+        rows, columns = st.integers(0, kh - 1 if method in ("flip", "shifted") else 2), \
+            st.integers(0, kw - 1 if method in ("flip", "shifted") else 2)
+        padding = ((draw(rows), draw(rows)), (draw(columns), draw(columns)))
+    (pt, pb), (pl, pr) = padding
+    h = draw(st.integers(max(1, kh - pt - pb), 5))
+    w = draw(st.integers(max(1, kw - pl - pr), 5))
+    return dict(n=draw(st.integers(1, 2)), c=draw(st.integers(1, 3)), f=draw(st.integers(1, 3)), h=h, w=w,
+                kernel=(kh, kw), stride=stride, padding=padding,
+                per_image_weight_gradient=draw(st.booleans()), seed=draw(seeds))
+
+
+@pytest.mark.parametrize("method", ["im2col", "flip", "shifted", "winograd-2x2", "winograd-4x4"])
+@settings(max_examples=10)
+@given(data=st.data())
+def test_conv_gradients_by_central_differences_with_each_method(method, data):
+    """Every conv method's backward (kernels: tinyunet/layers/conv.py), forced, against central
+    differences over every element of x, W and b. Half the examples take the weight gradient
+    image by image, the layout of images above conv.SMALL_IMAGE_PIXELS (the other half: the
+    batch laid side by side)."""
+    g = data.draw(method_cases(method))
+    name, tile = (method.split("-")[0], int(method[-1])) if method.startswith("winograd") else (method, 0)
+    rng = np.random.default_rng(g["seed"])
+    layer = Conv2d(g["c"], g["f"], g["kernel"], padding=g["padding"], stride=g["stride"], seed=g["seed"] % 1000,
+                   dtype=np.float64)
+    layer.params["bias"][:] = rng.standard_normal(g["f"])
+    x = rng.standard_normal((g["n"], g["c"], g["h"], g["w"]))
+    with pytest.MonkeyPatch.context() as patch, conv.using_method(name):
+        patch.setattr(conv, "WINOGRAD_TILE", tile)
+        patch.setattr(conv, "SMALL_IMAGE_PIXELS", 0 if g["per_image_weight_gradient"] else 10 ** 9)
+        assert conv._resolve_method(layer.params["weight"], g["padding"], g["stride"], x.shape) == name
+        errors = check_layer(layer, x, rng=rng)
+    assert set(errors) == {"x", "param.weight", "param.bias"}
+    assert_gradients_match(errors)
+
+
+@pytest.mark.parametrize("method", ["auto", "im2col", "flip"])
+def test_conv_gradients_on_an_image_above_small_image_pixels(method):
+    """No monkeypatching: an image large enough (1200 output pixels) that the weight gradient
+    is summed image by image, as on the U-Net's upper levels; a non-square stride too."""
+    rng = np.random.default_rng(9)
+    for stride in [(1, 1), (1, 2)]:
+        layer = Conv2d(3, 2, (3, 2), padding="same", stride=stride, seed=5, dtype=np.float64)
+        layer.params["bias"][:] = rng.standard_normal(2)
+        x = rng.standard_normal((2, 3, 40, 30 * stride[1]))
+        assert np.prod(layer.output_shape(x.shape)[2:]) > conv.SMALL_IMAGE_PIXELS
+        with conv.using_method(method):
+            assert_gradients_match(check_layer(layer, x, mode="directional", rng=rng))
+
+
 @pytest.mark.parametrize("kernel, padding, stride", [(3, "same", 1), (2, "same", 1), (3, "valid", 2),
-                                                     (1, "valid", 1), (3, ((0, 2), (1, 0)), 2)])
+                                                     (1, "valid", 1), (3, ((0, 2), (1, 0)), 2),
+                                                     ((3, 2), "same", (2, 1))])
 def test_conv_gradients_directional_on_larger_input(kernel, padding, stride):
     rng = np.random.default_rng(7)
     layer = Conv2d(8, 6, kernel, padding=padding, stride=stride, seed=1, dtype=np.float64)
@@ -95,17 +178,69 @@ def test_same_padding_output_is_ceil_of_size_over_stride(size, stride, expected)
     assert layer.forward(np.zeros((1, 1, size, size), np.float32)).shape[2:] == (expected, expected)
 
 
+def test_same_padding_is_computed_per_axis():
+    """TensorFlow's 'same' rule on each axis with that axis's kernel side, stride and size:
+    ceil(size / stride) outputs, the odd zero after."""
+    from tinyunet.layers.conv import resolve_padding
+    assert resolve_padding("same", (3, 3), (2, 1), (8, 8)) == ((0, 1), (1, 1))
+    assert resolve_padding("same", (3, 3), (1, 2), (8, 8)) == ((1, 1), (0, 1))
+    assert resolve_padding("same", (2, 3), (1, 1), (5, 6)) == ((0, 1), (1, 1))
+    assert resolve_padding("same", (3, 1), (1, 1), (4, 9)) == ((1, 1), (0, 0))
+    assert resolve_padding("same", (3, 3), (2, 2), (7, 8)) == ((1, 1), (0, 1))
+    layer = Conv2d(1, 1, (3, 2), padding="same", stride=(2, 1), seed=0, dtype=np.float64)
+    assert layer.forward(np.zeros((1, 1, 7, 5))).shape[2:] == (4, 5)
+
+
 # -- MaxPool2d ------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("path", PATHS)
 @given(pool_geometries(), seeds)
-def test_maxpool_gradients_by_central_differences(g, seed):
+def test_maxpool_gradients_by_central_differences(path, g, seed):
     rng = np.random.default_rng(seed)
     layer = MaxPool2d(g["kernel"], g["stride"])
     x = distinct_values((g["n"], g["c"], g["h"], g["w"]), rng)
-    y = layer.forward(x)
-    stride = g["stride"] or g["kernel"]
-    assert y.shape[2:] == ((g["h"] - g["kernel"]) // stride + 1, (g["w"] - g["kernel"]) // stride + 1)
-    assert_gradients_match(check_layer(layer, x, rng=rng))
+    with layer_path(path):
+        assert cpu_layers.serves(x) == (path == "numba")
+        y = layer.forward(x)
+        stride = g["stride"] or g["kernel"]
+        assert y.shape[2:] == ((g["h"] - g["kernel"]) // stride + 1, (g["w"] - g["kernel"]) // stride + 1)
+        assert_gradients_match(check_layer(layer, x, rng=rng))
+
+
+def maxpool_first_maximum_loops(x, k, s, dy):
+    """The documented rule read literally: each window's gradient to its FIRST maximum in
+    row-major order (np.argmax returns the first), added where windows overlap."""
+    n, c, h, w = x.shape
+    oh, ow = (h - k) // s + 1, (w - k) // s + 1
+    y, dx = np.zeros((n, c, oh, ow)), np.zeros_like(x)
+    for b in range(n):
+        for ch in range(c):
+            for r in range(oh):
+                for q in range(ow):
+                    window = x[b, ch, r * s:r * s + k, q * s:q * s + k]
+                    i, j = divmod(int(np.argmax(window)), k)
+                    y[b, ch, r, q] = window[i, j]
+                    dx[b, ch, r * s + i, q * s + j] += dy[b, ch, r, q]
+    return y, dx
+
+
+@pytest.mark.parametrize("path", PATHS)
+@given(pool_geometries(), seeds)
+def test_maxpool_ties_send_the_gradient_to_the_first_maximum_on_both_paths(path, g, seed):
+    """Inputs drawn from {-1, 0, -0.0, 1}: nearly every window has a tie (the kink of max);
+    both implementations must follow the documented rule (PyTorch's and cuDNN's too:
+    tests/test_torch_oracle.py), not merely agree with each other."""
+    rng = np.random.default_rng(seed)
+    shape = (g["n"], g["c"], g["h"], g["w"])
+    x = rng.choice(np.array([-1.0, 0.0, -0.0, 1.0]), size=shape)
+    layer = MaxPool2d(g["kernel"], g["stride"])
+    dy = rng.standard_normal(layer.output_shape(shape))
+    expected_y, expected_dx = maxpool_first_maximum_loops(x, g["kernel"], layer.stride, dy)
+    with layer_path(path):
+        y = layer.forward(x)
+        dx = layer.backward(dy)
+    np.testing.assert_array_equal(y, expected_y)
+    np.testing.assert_allclose(dx, expected_dx, rtol=1e-15, atol=0)
 
 
 def test_maxpool_floors_and_gives_dropped_rows_zero_gradient():
@@ -126,13 +261,24 @@ def test_maxpool_tie_sends_the_gradient_to_the_first_maximum_only():
     np.testing.assert_array_equal(dx, [[[[0.0, 5.0], [0.0, 0.0]]]])
 
 
-def test_maxpool_overlapping_windows_add_their_gradients():
+@pytest.mark.parametrize("path", PATHS)
+def test_maxpool_overlapping_windows_add_their_gradients(path):
     layer = MaxPool2d(kernel_size=2, stride=1)
     x = np.array([[[[0.0, 0.1, -1.0], [0.2, 9.0, -1.0]]]])   # 9 is the max of both 2x2 windows
-    y = layer.forward(x)
-    assert y.shape == (1, 1, 1, 2) and np.all(y == 9.0)
-    dx = layer.backward(np.array([[[[1.0, 2.0]]]]))
+    with layer_path(path):
+        assert cpu_layers.serves(x) == (path == "numba")
+        y = layer.forward(x)
+        assert y.shape == (1, 1, 1, 2) and np.all(y == 9.0)
+        dx = layer.backward(np.array([[[[1.0, 2.0]]]]))
     assert dx[0, 0, 1, 1] == 3.0 and dx.sum() == 3.0
+    # a 3x3 window at stride 1 over a 4x4 peak: the peak is the max of all four windows
+    x = np.zeros((1, 1, 4, 4))
+    x[0, 0, 1, 2] = 5.0
+    with layer_path(path):
+        layer = MaxPool2d(3, 1)
+        layer.forward(x)
+        dx = layer.backward(np.array([[[[1.0, 2.0], [4.0, 8.0]]]]))
+    assert dx[0, 0, 1, 2] == 15.0
 
 
 def test_maxpool_directional_on_larger_input():
@@ -143,14 +289,17 @@ def test_maxpool_directional_on_larger_input():
 
 # -- Upsample2d -----------------------------------------------------------------------------
 
-@given(image_shapes(max_size=4), st_scale := __import__("hypothesis").strategies.integers(1, 3), seeds)
-def test_upsample_gradients_by_central_differences(shape, scale, seed):
+@pytest.mark.parametrize("path", PATHS)
+@given(image_shapes(max_size=4), st.integers(1, 3), seeds)
+def test_upsample_gradients_by_central_differences(path, shape, scale, seed):
     rng = np.random.default_rng(seed)
     layer = Upsample2d(scale)
     x = rng.standard_normal(shape)
-    y = layer.forward(x)
-    assert y.shape == shape[:2] + (shape[2] * scale, shape[3] * scale)
-    assert_gradients_match(check_layer(layer, x, rng=rng))
+    with layer_path(path):
+        assert cpu_layers.serves(x) == (path == "numba")
+        y = layer.forward(x)
+        assert y.shape == shape[:2] + (shape[2] * scale, shape[3] * scale)
+        assert_gradients_match(check_layer(layer, x, rng=rng))
 
 
 def test_upsample_copies_each_pixel_into_a_block_and_backward_sums_it():
@@ -163,7 +312,7 @@ def test_upsample_copies_each_pixel_into_a_block_and_backward_sums_it():
 
 # -- Concat ---------------------------------------------------------------------------------
 
-@given(image_shapes(max_size=4), __import__("hypothesis").strategies.integers(1, 3), seeds)
+@given(image_shapes(max_size=4), st.integers(1, 3), seeds)
 def test_concat_gradients_and_split(shape, second_channels, seed):
     rng = np.random.default_rng(seed)
     a = rng.standard_normal(shape)
@@ -209,10 +358,39 @@ def test_dropout_is_identity_in_evaluation_and_seeded():
 
 # -- ReLU, Sigmoid --------------------------------------------------------------------------
 
+@pytest.mark.parametrize("path", PATHS)
 @given(image_shapes(), seeds)
-def test_relu_gradients_away_from_the_kink(shape, seed):
+def test_relu_gradients_away_from_the_kink(path, shape, seed):
     rng = np.random.default_rng(seed)
-    assert_gradients_match(check_layer(ReLU(), away_from_zero(shape, rng), rng=rng))
+    x = away_from_zero(shape, rng)
+    with layer_path(path):
+        assert cpu_layers.serves(x) == (path == "numba")
+        assert_gradients_match(check_layer(ReLU(), x, rng=rng))
+
+
+KINK = [0.0, -0.0, 0.5, -0.5, -0.0, 0.0, 1e-30, -1e-30]   # exact zeros of both signs, and neighbours
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_at_exactly_zero_outputs_zero_and_passes_no_gradient(path, dtype):
+    """At the kink the derivative does not exist; the documented rule (PyTorch's: its ReLU
+    backward is dy where x > 0, else 0) gives gradient 0 at 0.0 and at -0.0, on both paths.
+    Central differences cannot see this (they straddle the kink), so it is asserted exactly."""
+    x = np.array(KINK, dtype=dtype).reshape(1, 2, 2, 2)
+    layer = ReLU()
+    with layer_path(path):
+        assert cpu_layers.serves(x) == (path == "numba")
+        y = layer.forward(x)
+        dx = layer.backward(np.full_like(x, 3.0))
+    np.testing.assert_array_equal(y.reshape(-1), np.array([0, 0, 0.5, 0, 0, 0, 1e-30, 0], dtype=dtype))
+    np.testing.assert_array_equal(dx.reshape(-1), np.array([0, 0, 3, 0, 0, 0, 3, 0], dtype=dtype))
+    assert layer.dead_fraction() == 6 / 8
+    # one step to either side of 0 takes the two branches: slopes 0 and 1
+    for x0, slope in [(np.nextafter(dtype(0), dtype(1)), 1.0), (np.nextafter(dtype(0), dtype(-1)), 0.0)]:
+        with layer_path(path):
+            layer.forward(np.full((1, 1, 1, 1), x0, dtype=dtype))
+            assert layer.backward(np.ones((1, 1, 1, 1), dtype=dtype))[0, 0, 0, 0] == slope
 
 
 def test_relu_dead_fraction_counts_zeros():
@@ -225,6 +403,18 @@ def test_relu_dead_fraction_counts_zeros():
 def test_sigmoid_gradients(shape, seed):
     rng = np.random.default_rng(seed)
     assert_gradients_match(check_layer(Sigmoid(), rng.standard_normal(shape) * 3, rng=rng))
+
+
+def test_sigmoid_at_zero_of_both_signs_takes_either_branch_to_the_same_value():
+    """sigmoid is smooth, but computed in two branches (x >= 0 and x < 0) that meet at 0:
+    0.0 and -0.0 must give 1/2 and slope 1/4, and the two branches must agree near 0."""
+    layer = Sigmoid()
+    x = np.array([[0.0, -0.0, 1e-9, -1e-9]])
+    y = layer.forward(x)
+    np.testing.assert_array_equal(y[0, :2], [0.5, 0.5])
+    np.testing.assert_array_equal(layer.backward(np.ones_like(x))[0, :2], [0.25, 0.25])
+    np.testing.assert_allclose(y[0, 2:], [0.5 + 0.25e-9, 0.5 - 0.25e-9], rtol=1e-15)
+    assert_gradients_match(check_layer(Sigmoid(), np.linspace(-1e-3, 1e-3, 7).reshape(1, 7)))
 
 
 def test_sigmoid_is_finite_and_exact_at_extremes():

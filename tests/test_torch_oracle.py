@@ -5,7 +5,8 @@ Skipped cleanly where torch does not import; .ci/run installs the CPU build so C
 import numpy as np
 import pytest
 from hypothesis import given
-from strategies import conv_geometries, seeds
+from paths import PATHS, layer_path
+from strategies import NON_SQUARE_CASES, conv_geometries, pool_geometries, seeds
 
 from tinyunet.layers import Concat, Conv2d, Dropout, MaxPool2d, ReLU, Sigmoid, Upsample2d
 from tinyunet.layers.conv import resolve_padding
@@ -35,14 +36,13 @@ def run_both(layer, torch_fn, x, rng):
     return (y, yt), (dx, xt.grad)
 
 
-@given(conv_geometries(), seeds)
-def test_conv2d_with_asymmetric_padding(g, seed):
+def compare_conv(g, seed):
     rng = np.random.default_rng(seed)
     layer = Conv2d(g["c"], g["f"], g["kernel"], padding=g["padding"], stride=g["stride"], seed=seed,
                    dtype=np.float64)
     layer.params["bias"][:] = rng.standard_normal(g["f"])
     x = rng.standard_normal((g["n"], g["c"], g["h"], g["w"]))
-    (pt, pb), (pl, pr) = resolve_padding(g["padding"], g["kernel"], (g["stride"],) * 2, (g["h"], g["w"]))
+    (pt, pb), (pl, pr) = resolve_padding(g["padding"], g["kernel"], g["stride"], (g["h"], g["w"]))
     wt, bt = torch_leaf(layer.params["weight"]), torch_leaf(layer.params["bias"])
 
     def torch_conv(xt):
@@ -55,22 +55,37 @@ def test_conv2d_with_asymmetric_padding(g, seed):
     assert_close(layer.grads["bias"], bt.grad)
 
 
+@given(conv_geometries(), seeds)
+def test_conv2d_with_asymmetric_padding(g, seed):
+    """Kernel sides, strides and paddings drawn per axis (strategies.conv_geometries)."""
+    compare_conv(g, seed)
+
+
+@pytest.mark.parametrize("kernel, stride, padding", NON_SQUARE_CASES)
+def test_conv2d_with_non_square_kernels_and_strides(kernel, stride, padding):
+    compare_conv(dict(n=2, c=2, f=3, h=7, w=6, kernel=kernel, stride=stride, padding=padding), 3)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kernel, stride, shape", [(2, None, (2, 3, 8, 8)), (2, None, (1, 2, 7, 9)),
                                                    (3, 2, (1, 2, 9, 8)), (3, 1, (2, 1, 5, 6))])
-def test_max_pool2d(kernel, stride, shape):
+def test_max_pool2d(kernel, stride, shape, path):
     rng = np.random.default_rng(1)
     x = rng.permutation(int(np.prod(shape))).reshape(shape) / np.prod(shape)   # no ties
-    (y, yt), (dx, dxt) = run_both(MaxPool2d(kernel, stride), lambda t: F.max_pool2d(t, kernel, stride), x, rng)
+    with layer_path(path):
+        (y, yt), (dx, dxt) = run_both(MaxPool2d(kernel, stride), lambda t: F.max_pool2d(t, kernel, stride), x, rng)
     assert_close(y, yt)
     assert_close(dx, dxt)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("scale", [2, 3])
-def test_nearest_upsampling(scale):
+def test_nearest_upsampling(scale, path):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 3, 4, 5))
     fn = lambda t: F.interpolate(t, scale_factor=scale, mode="nearest")   # noqa: E731
-    (y, yt), (dx, dxt) = run_both(Upsample2d(scale), fn, x, rng)
+    with layer_path(path):
+        (y, yt), (dx, dxt) = run_both(Upsample2d(scale), fn, x, rng)
     assert_close(y, yt)
     assert_close(dx, dxt)
 
@@ -109,11 +124,32 @@ def test_dropout_with_the_same_mask():
     assert set(np.unique(out.numpy()).round(12)) <= {0.0, round(1 / 0.7, 12)}
 
 
-@pytest.mark.parametrize("layer, fn", [(ReLU(), F.relu), (Sigmoid(), torch.sigmoid)])
-def test_activations(layer, fn):
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("make, fn", [(ReLU, F.relu), (Sigmoid, torch.sigmoid)], ids=["relu", "sigmoid"])
+def test_activations_at_and_away_from_the_kink(make, fn, path):
+    """A third of the inputs exactly 0.0 or -0.0 (ReLU's kink: PyTorch's gradient there is 0),
+    the rest away from it; on the NumPy and the Numba path."""
     rng = np.random.default_rng(5)
     x = rng.choice([-1, 1], size=(2, 2, 5, 5)) * (0.05 + rng.random((2, 2, 5, 5)))
-    (y, yt), (dx, dxt) = run_both(layer, fn, x, rng)
+    x.reshape(-1)[::3] = 0.0
+    x.reshape(-1)[1::6] = -0.0
+    with layer_path(path):
+        (y, yt), (dx, dxt) = run_both(make(), fn, x, rng)
+    assert_close(y, yt)
+    assert_close(dx, dxt)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@given(pool_geometries(), seeds)
+def test_max_pool2d_with_ties(path, g, seed):
+    """Inputs from {-1, 0, 1}: ties in nearly every window, where the gradient goes to the
+    first maximum in PyTorch's CPU max_pool2d as here (overlapping windows included)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-1, 2, (g["n"], g["c"], g["h"], g["w"])).astype(np.float64)
+    stride = g["stride"] or g["kernel"]
+    with layer_path(path):
+        (y, yt), (dx, dxt) = run_both(MaxPool2d(g["kernel"], g["stride"]),
+                                      lambda t: F.max_pool2d(t, g["kernel"], stride), x, rng)
     assert_close(y, yt)
     assert_close(dx, dxt)
 

@@ -323,6 +323,21 @@ def test_center_crop_forward_backward():
         crop.forward(x, (10, 4))
 
 
+def test_center_crop_with_an_odd_difference():
+    """An odd difference drops the extra row at the bottom and the extra column at the right
+    (the documented rule); non-square sizes, so rows and columns cannot stand in for each other."""
+    rng = np.random.default_rng(2)
+    crop = CenterCrop2d()
+    x = rng.standard_normal((1, 2, 6, 9))
+    y = crop.forward(x, (3, 4))                               # top (6-3)//2 = 1, left (9-4)//2 = 2
+    assert np.array_equal(y, x[:, :, 1:4, 2:6])
+    r = rng.standard_normal(y.shape)
+    dx = crop.backward(r)
+    assert np.array_equal(dx[:, :, 1:4, 2:6], r) and np.count_nonzero(dx) == np.count_nonzero(r)
+    numeric = numerical_gradient(lambda: float((crop.forward(x, (3, 4)) * r).sum()), x)
+    assert relative_error(dx, numeric) < 1e-9
+
+
 # ---------------------------------------------------------------------------------------------
 # whole-network gradient proofs
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +356,41 @@ def test_tiny_network_full_central_differences(padding, head_relu, depth):
     assert max(errors.values()) < 1e-6, {k: v for k, v in errors.items() if v >= 1e-6}
     # a gradient of zero would pass trivially: the deepest layers must see one
     assert np.abs(analytic["down1.conv1.weight"]).max() > 0 and np.abs(analytic["x"]).max() > 0
+
+
+NUMBA_LAYER_KERNELS = ["relu_forward", "relu_backward", "maxpool_forward", "maxpool_backward",
+                       "upconv_columns", "upconv_interleave", "upconv_split", "upconv_gather"]
+
+
+def test_tiny_network_full_central_differences_through_the_numba_layer_kernels(monkeypatch):
+    """The same full check with the Numba size threshold lowered to one element, so that every
+    layer kernel of kernels/cpu_layers.py the U-Net uses runs inside it (at training sizes they
+    serve every step; at gradient-check sizes they never would). Each one is counted."""
+    from tinyunet.kernels import cpu_layers
+    if cpu_layers.njit is None:
+        pytest.skip("Numba is not installed")
+    monkeypatch.setattr(cpu_layers, "PARALLEL_MIN_SIZE", 1)
+    import numba
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)      # thousands of tiny forwards: waking threads would cost more than the work
+    calls = dict.fromkeys(NUMBA_LAYER_KERNELS, 0)
+    for name in NUMBA_LAYER_KERNELS:
+        def counted(*args, _kernel=getattr(cpu_layers, name), _name=name):
+            calls[_name] += 1
+            return _kernel(*args)
+        monkeypatch.setattr(cpu_layers, name, counted)
+    rng = np.random.default_rng(8)
+    model = UNet(base_width=2, depth=2, dtype="float64", seed=3)
+    randomize_biases(model, rng, scale=0.1)
+    x = rng.random((2, 1, 8, 8))
+    target = (rng.random(x.shape) > 0.5).astype(np.float64)
+    try:
+        errors, analytic = network_gradient_errors(model, x, target, "full", rng)
+    finally:
+        numba.set_num_threads(threads)
+    assert max(errors.values()) < 1e-6, {k: v for k, v in errors.items() if v >= 1e-6}
+    assert np.abs(analytic["down1.conv1.weight"]).max() > 0
+    assert all(calls.values()), f"Numba kernels that never ran: {[k for k, v in calls.items() if not v]}"
 
 
 def test_exact_network_directional_float64():

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from paths import PATHS, layer_path
 from strategies import image_shapes, seeds
 
 from tinyunet.gradcheck import check_layer
@@ -40,12 +41,15 @@ def test_equals_upsample_then_conv(shape, f, bias, seed):
         np.testing.assert_allclose(fused.grads[name], plain.grads[name], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @given(image_shapes(max_size=4, max_channels=3), st.integers(1, 3), seeds)
-def test_gradients_by_central_differences(shape, f, seed):
+def test_gradients_by_central_differences(path, shape, f, seed):
+    """On the NumPy path and through the four Numba data-movement kernels."""
     rng = np.random.default_rng(seed)
     layer = UpConv2d(shape[1], f, seed=seed, dtype=np.float64)
     layer.params["bias"][...] = rng.standard_normal(f)
-    errors = check_layer(layer, rng.standard_normal(shape), rng=rng)
+    with layer_path(path):
+        errors = check_layer(layer, rng.standard_normal(shape), rng=rng)
     assert errors and max(errors.values()) < 1e-6, errors
 
 

@@ -115,17 +115,29 @@ def test_the_winograd_method_gives_the_im2col_conv_and_gradients(tile, workspace
 
 @TILES
 def test_winograd_float32_is_within_rounding_of_float64(tile, monkeypatch):
-    """Within 1e-4 of the output's scale for both tiles (measured: ~5e-7 with 2x2 tiles, ~1e-5
-    with 4x4, whose matrices have larger entries)."""
+    """Forward and backward (dx, dW, db): the float32 Winograd layer within 1e-4 of the float64
+    result's scale for both tiles (measured: ~5e-7 with 2x2 tiles, ~1e-5 with 4x4, whose
+    matrices have larger entries). The float64 side is computed by im2col, so a transform
+    wrong in both precisions fails here too."""
     monkeypatch.setattr(conv, "WINOGRAD_TILE", tile)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 32, 20, 20))
     layer = Conv2d(32, 24, 3, seed=1, dtype=np.float64)
-    exact = layer.forward(x)
+    layer.params["bias"][:] = rng.standard_normal(24)
+    dy = rng.standard_normal((2, 24, 20, 20))
+    with conv.using_method("im2col"):
+        exact = layer.forward(x)
+        exact_dx = layer.backward(dy)
+        exact_grads = {k: v.copy() for k, v in layer.grads.items()}
+    single_layer = layer.astype(np.float32)
     with conv.using_method("winograd"):
-        single = layer.astype(np.float32).forward(x.astype(np.float32))
-    assert single.dtype == np.float32
-    np.testing.assert_allclose(single, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+        assert conv._resolve_method(single_layer.params["weight"], ((1, 1), (1, 1)), (1, 1), x.shape) == "winograd"
+        single = single_layer.forward(x.astype(np.float32))
+        single_dx = single_layer.backward(dy.astype(np.float32))
+    for got, want in [(single, exact), (single_dx, exact_dx), (single_layer.grads["weight"], exact_grads["weight"]),
+                      (single_layer.grads["bias"], exact_grads["bias"])]:
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 def test_auto_chooses_winograd_for_wide_3x3_on_large_images_and_not_elsewhere():
