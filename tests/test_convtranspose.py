@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import seeds
+from strategies import seeds, strides
 
 from tinyunet.gradcheck import check_layer
 from tinyunet.layers import Conv2d, ConvTranspose2d
@@ -12,12 +12,15 @@ from tinyunet.layers.convtranspose import bilinear_kernel, conv_transpose2d_naiv
 
 @st.composite
 def geometries(draw):
-    k = draw(st.integers(1, 4))
-    s = draw(st.integers(1, 3))
-    crop = ((draw(st.integers(0, 1)), draw(st.integers(0, 1))), (draw(st.integers(0, 1)), draw(st.integers(0, 1))))
-    op = (draw(st.integers(0, s - 1)), draw(st.integers(0, s - 1)))
+    """Both kernel sides, both strides, the four croppings and both output paddings drawn on
+    their own: a row stride taken from the column one (or a top crop from the bottom one)
+    passes every square geometry."""
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(strides(max_stride=3))
+    crop = ((draw(st.integers(0, 2)), draw(st.integers(0, 2))), (draw(st.integers(0, 2)), draw(st.integers(0, 2))))
+    op = (draw(st.integers(0, sh - 1)), draw(st.integers(0, sw - 1)))
     return dict(n=draw(st.integers(1, 2)), c=draw(st.integers(1, 3)), f=draw(st.integers(1, 3)),
-                h=draw(st.integers(1, 4)), w=draw(st.integers(1, 4)), k=k, s=s, crop=crop, op=op)
+                h=draw(st.integers(1, 4)), w=draw(st.integers(1, 4)), k=(kh, kw), s=(sh, sw), crop=crop, op=op)
 
 
 def make(g, seed, **kw):
@@ -30,8 +33,8 @@ def make(g, seed, **kw):
 
 def fits(g):
     (pt, pb), (pl, pr) = g["crop"]
-    return (g["h"] - 1) * g["s"] + g["k"] - pt - pb + g["op"][0] >= 1 and \
-        (g["w"] - 1) * g["s"] + g["k"] - pl - pr + g["op"][1] >= 1
+    (kh, kw), (sh, sw) = g["k"], g["s"]
+    return (g["h"] - 1) * sh + kh - pt - pb + g["op"][0] >= 1 and (g["w"] - 1) * sw + kw - pl - pr + g["op"][1] >= 1
 
 
 @given(geometries(), seeds)
@@ -106,9 +109,12 @@ def test_bad_arguments_say_what_is_wrong():
 @pytest.mark.torch
 @given(geometries(), seeds)
 def test_against_torch(g, seed):
+    """Every drawn geometry: torch crops symmetrically only (padding=), so an asymmetric
+    cropping is torch's uncropped output sliced [top : top + OH], the gradient flowing back
+    through the slice."""
     torch = pytest.importorskip("torch")
     (pt, pb), (pl, pr) = g["crop"]
-    if not fits(g) or pt != pb or pl != pr:          # torch crops symmetrically only
+    if not fits(g):
         return
     layer = make(g, seed)
     rng = np.random.default_rng(seed)
@@ -117,7 +123,28 @@ def test_against_torch(g, seed):
     dy = rng.standard_normal(y.shape)
     dx = layer.backward(dy)
     xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, layer.params["weight"], layer.params["bias"]))
-    yt = torch.nn.functional.conv_transpose2d(xt, wt, bt, stride=g["s"], padding=(pt, pl), output_padding=g["op"])
+    conv_t = torch.nn.functional.conv_transpose2d
+    if pt == pb and pl == pr:
+        yt = conv_t(xt, wt, bt, stride=g["s"], padding=(pt, pl), output_padding=g["op"])
+    else:
+        full = conv_t(xt, wt, bt, stride=g["s"], output_padding=g["op"])
+        yt = full[:, :, pt:pt + y.shape[2], pl:pl + y.shape[3]]
+    assert tuple(yt.shape) == y.shape
     yt.backward(torch.tensor(dy))
     for ours, theirs in ((y, yt), (dx, xt.grad), (layer.grads["weight"], wt.grad), (layer.grads["bias"], bt.grad)):
         np.testing.assert_allclose(ours, theirs.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_non_square_geometries_written_down():
+    """Two fixed non-square cases hypothesis cannot shrink away: stride (2, 1) and (1, 3) with
+    kernels (3, 2) and (1, 4) and a cropping that differs on each side."""
+    rng = np.random.default_rng(11)
+    for kernel, stride, crop, op in (((3, 2), (2, 1), ((1, 0), (0, 1)), (1, 0)), ((1, 4), (1, 3), ((0, 0), (2, 1)), (0, 2))):
+        layer = ConvTranspose2d(2, 3, kernel, stride=stride, cropping=crop, output_padding=op,
+                                weight_init="he_normal", seed=1, dtype=np.float64)
+        layer.params["bias"][:] = rng.standard_normal(3)
+        x = rng.standard_normal((2, 2, 3, 4))
+        expected = conv_transpose2d_naive(x, layer.params["weight"], layer.params["bias"], stride, crop, op)
+        np.testing.assert_allclose(layer.forward(x), expected, rtol=1e-12, atol=1e-12)
+        errors = check_layer(layer, x, rng=rng)
+        assert max(errors.values()) < 1e-6, errors
