@@ -103,3 +103,33 @@ def test_against_torch(training, shape, seed):
              (layer.buffers["running_mean"], rm), (layer.buffers["running_var"], rv)]
     for ours, theirs in pairs:
         np.testing.assert_allclose(ours, theirs.detach().numpy(), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_constant_channel_stays_finite_and_equals_torch(dtype):
+    """Variance 0 (a dead channel): eps keeps 1 / sqrt(var + eps) finite, xhat = 0, y = beta;
+    dx = s (dxhat - mean(dxhat)) is finite; values, gradients and running statistics equal
+    torch's; in float64 the central differences agree too (var is smooth at 0)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((2, 3, 3, 3)) * 2 + 1).astype(dtype)
+    x[:, 1] = 2.5                                                      # channel 1: constant
+    layer = make(3, 3).astype(dtype)
+    rm, rv = (torch.tensor(layer.buffers[k].copy()) for k in ("running_mean", "running_var"))
+    y = layer.forward(x)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    dx = layer.backward(dy)
+    assert np.isfinite(y).all() and np.isfinite(dx).all()
+    np.testing.assert_array_equal(y[:, 1], layer.params["bias"][1])    # xhat = 0 exactly
+    xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, layer.params["weight"], layer.params["bias"]))
+    yt = torch.nn.functional.batch_norm(xt, rm, rv, wt, bt, training=True, momentum=0.1, eps=1e-5)
+    yt.backward(torch.tensor(dy))
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-4)
+    pairs = [(y, yt), (dx, xt.grad), (layer.grads["weight"], wt.grad), (layer.grads["bias"], bt.grad),
+             (layer.buffers["running_mean"], rm), (layer.buffers["running_var"], rv)]
+    for ours, theirs in pairs:
+        np.testing.assert_allclose(ours, theirs.detach().numpy(), **tol)
+    if dtype == np.float64:
+        errors = check_layer(make(3, 3), x, rng=rng)
+        assert max(errors.values()) < 1e-6, errors

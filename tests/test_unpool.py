@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from paths import PATHS, layer_path
 from strategies import seeds
 
-from tinyunet import kernels
+from tinyunet.kernels import cpu_layers
 from tinyunet.gradcheck import check_gradients
 from tinyunet.layers import MaxPool2d, MaxUnpool2d
 from tinyunet.layers.unpool import max_unpool2d_naive
@@ -24,11 +25,12 @@ def distinct(shape, rng):
     return rng.permutation(size).reshape(shape) / size - 0.5
 
 
-@pytest.mark.parametrize("implementation", ["reference", None])      # NumPy path, Numba path
+@pytest.mark.parametrize("path", PATHS)       # the Numba kernel too: its size bar lowered to 1
 @given(g=pools(), seed=seeds)
-def test_indices_point_at_each_windows_maximum(implementation, g, seed):
+def test_indices_point_at_each_windows_maximum(path, g, seed):
     x = distinct((g["n"], g["c"], g["h"], g["w"]), np.random.default_rng(seed))
-    with kernels.using(implementation):
+    with layer_path(path):
+        assert cpu_layers.serves(x) == (path == "numba")
         y, idx = MaxPool2d(g["k"], g["s"], return_indices=True).forward(x)
     assert idx.dtype == np.int64 and idx.shape == y.shape
     np.testing.assert_array_equal(np.take_along_axis(x.reshape(g["n"], g["c"], -1),
@@ -104,3 +106,46 @@ def test_against_torch(g, seed):
     upt.backward(torch.tensor(dy))
     np.testing.assert_array_equal(up, upt.detach().numpy())
     np.testing.assert_array_equal(dx, leaf.grad.numpy())
+
+
+@st.composite
+def tied_images(draw, g):
+    """Values from {-1, -0.0, 0.0, 1}: most windows hold a tie, -0.0 against 0.0 included."""
+    seed = draw(seeds)
+    values = np.array([-1.0, -0.0, 0.0, 1.0])
+    return values[np.random.default_rng(seed).integers(0, 4, (g["n"], g["c"], g["h"], g["w"]))], seed
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("path", PATHS)
+@given(data=st.data())
+def test_ties_take_the_first_maximum_like_torch_and_unpool_follows(path, data):
+    """At a tie (and 0.0 against -0.0, equal under >) the index is the window's first maximum
+    in row-major order, as torch's CPU max_pool2d; the unpool puts the value there and its
+    backward reads the gradient from there: indices, unpool, both backwards equal torch's."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    g = data.draw(pools())
+    x, seed = data.draw(tied_images(g))
+    rng = np.random.default_rng(seed)
+    with layer_path(path):
+        assert cpu_layers.serves(x) == (path == "numba")
+        pool = MaxPool2d(g["k"], g["s"], return_indices=True)
+        y, idx = pool.forward(x)
+        dy = rng.standard_normal(y.shape)
+        dx = pool.backward(dy)
+    xt = torch.tensor(x, requires_grad=True)
+    yt, idxt = F.max_pool2d(xt, g["k"], g["s"], return_indices=True)
+    yt.backward(torch.tensor(dy))
+    np.testing.assert_array_equal(idx, idxt.numpy())
+    np.testing.assert_array_equal(y, yt.detach().numpy())
+    np.testing.assert_array_equal(dx, xt.grad.numpy())
+    layer = MaxUnpool2d(g["k"], g["s"])
+    up = layer.forward(y, idx, (g["h"], g["w"]))
+    dup = rng.standard_normal(up.shape)
+    back = layer.backward(dup)
+    leaf = torch.tensor(y, requires_grad=True)
+    upt = F.max_unpool2d(leaf, idxt, g["k"], g["s"], output_size=(g["h"], g["w"]))
+    upt.backward(torch.tensor(dup))
+    np.testing.assert_array_equal(up, upt.detach().numpy())
+    np.testing.assert_array_equal(back, leaf.grad.numpy())
