@@ -3,7 +3,11 @@ whole-network float64 gradients, and a PyTorch FCN with the same weights (same l
 gradients). The layers new to FCN (CeilMaxPool2d, Crop2d, Add) are checked here too."""
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from netcheck import joint_directional_errors, randomize, rewinder
+from paths import PATHS, layer_path
+from strategies import seeds
 
 from tinyunet.fcn import FCN, VARIANTS, FCNConfig, count_parameters, layer_table
 from tinyunet.gradcheck import check_gradients
@@ -203,3 +207,38 @@ def test_tracer_sees_every_layer_and_backward_frees_what_each_layer_kept():
     assert sorted(t.backward_order) == sorted(model.named_layers())
     kept = {name: [a for a in layer._saved if getattr(layer, a) is not None] for name, layer in model.layers.items()}
     assert not any(kept.values()), kept
+
+
+@st.composite
+def overhanging_pools(draw):
+    """kernel >= stride (what CeilMaxPool2d accepts), sizes that leave the last window hanging
+    over the bottom/right edge, values in {-2, -1, -0.0, 0.0} (ties, and all <= 0: a padding
+    of 0 instead of -inf would win or tie an overhanging window)."""
+    k = draw(st.integers(2, 3))
+    s = draw(st.integers(1, k))
+    low = k - 1 if k == s else k          # torch's ceil mode needs a first window that starts inside
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(low, 8)), draw(st.integers(low, 8)))
+    return k, s, shape, draw(seeds)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("path", PATHS)
+@given(overhanging_pools())
+def test_ceil_pool_overhanging_windows_and_ties_against_torch(path, drawn):
+    torch = pytest.importorskip("torch")
+    k, s, shape, seed = drawn
+    rng = np.random.default_rng(seed)
+    x = np.array([-2.0, -1.0, -0.0, 0.0])[rng.integers(0, 4, shape)]
+    with layer_path(path):
+        pool = CeilMaxPool2d(k, s, return_indices=True)
+        y, idx = pool.forward(x)
+        dy = rng.standard_normal(y.shape)
+        dx = pool.backward(dy)
+    xt = torch.tensor(x, requires_grad=True)
+    yt, idxt = torch.nn.functional.max_pool2d(xt, k, s, ceil_mode=True, return_indices=True)
+    yt.backward(torch.tensor(dy))
+    np.testing.assert_array_equal(y, yt.detach().numpy())
+    np.testing.assert_array_equal(np.signbit(y), np.signbit(yt.detach().numpy()))    # -0.0 kept
+    np.testing.assert_array_equal(idx, idxt.numpy())
+    # overlapping windows (s < k) add their gradients, in another order than torch's
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-14, atol=0)

@@ -112,3 +112,45 @@ def test_bad_labels_say_what_was_found():
         softmax_cross_entropy(np.zeros((1, 1, 2, 2)), np.zeros((1, 2, 2), np.int64))
     with pytest.raises(LossInputError, match="one entry per class"):
         softmax_cross_entropy(z, np.zeros((1, 2, 2), np.int64), class_weights=np.ones(2))
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("class_weights", [None, np.array([0.5, 2.0, 1.0, 3.0])])
+def test_all_equal_logits_give_log_k_and_torchs_gradient(class_weights):
+    """The max is attained K times (a kink of max, not of the loss): p = 1/K exactly,
+    l = log K at every pixel, dL/dz = w c[t] (1/K - [k = t]) / D; torch agrees."""
+    torch = pytest.importorskip("torch")
+    k = 4
+    z = np.full((2, k, 3, 2), 0.7)
+    labels = np.random.default_rng(3).integers(0, k, (2, 3, 2))
+    loss, grad = softmax_cross_entropy(z, labels, class_weights=class_weights)
+    assert loss == pytest.approx(np.log(k), rel=1e-14)
+    c = np.ones(k) if class_weights is None else class_weights
+    onehot = np.moveaxis(np.eye(k)[labels], -1, 1)
+    expected = c[labels][:, None] * (1 / k - onehot) / c[labels].sum()
+    np.testing.assert_allclose(grad, expected, rtol=1e-12, atol=1e-16)
+    zt = torch.tensor(z, requires_grad=True)
+    cw = None if class_weights is None else torch.tensor(class_weights)
+    reference = torch.nn.functional.cross_entropy(zt, torch.tensor(labels), weight=cw)
+    reference.backward()
+    assert loss == pytest.approx(reference.item(), rel=1e-12)
+    np.testing.assert_allclose(grad, zt.grad.numpy(), rtol=1e-10, atol=1e-16)
+
+
+@pytest.mark.torch
+def test_nothing_scored_gives_loss_0_and_no_gradient_where_torch_gives_nan():
+    """Every pixel ignored (or every scored pixel of class weight 0): D = 0. tinyunet's rule,
+    documented in softmax_cross_entropy: loss 0.0 and a zero gradient (a batch of void crops
+    must not poison a training run); torch's mean reduction divides 0 by 0 and returns NaN."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    z = 3 * rng.standard_normal((2, 3, 2, 2))
+    labels = np.full((2, 2, 2), IGNORE)
+    for kwargs in (dict(ignore_index=IGNORE), dict(ignore_index=IGNORE, weights=rng.uniform(0.5, 2, (2, 2, 2)))):
+        loss, grad = softmax_cross_entropy(z, labels, **kwargs)
+        assert loss == 0.0 and type(loss) is float and grad.shape == z.shape and not grad.any()
+    labels = rng.integers(0, 2, (2, 2, 2))                       # classes 0 and 1, both weight 0
+    loss, grad = softmax_cross_entropy(z, labels, class_weights=np.array([0.0, 0.0, 1.0]))
+    assert loss == 0.0 and not grad.any()
+    theirs = torch.nn.functional.cross_entropy(torch.tensor(z), torch.full((2, 2, 2), IGNORE), ignore_index=IGNORE)
+    assert torch.isnan(theirs)

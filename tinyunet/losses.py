@@ -182,6 +182,8 @@ def softmax_cross_entropy(logits, labels, class_weights=None, ignore_index: int 
     logits (N, K, H, W); labels (N, H, W) ints; class_weights (K,) or None; ignore_index: the
     label of pixels not scored (e.g. 255), or None; weights (N, H, W) per-pixel (e.g. border
     weights) or None. Returns (loss: float, dlogits: array of the logits' shape and dtype).
+    Nothing scored (every pixel ignored, or every scored class of weight 0: D = 0): loss 0.0
+    and a zero gradient, where torch's mean reduction gives NaN (0 / 0).
     """
     _check_softmax_ce(logits, labels, class_weights, ignore_index, weights)
     xp = get_array_module(logits)
