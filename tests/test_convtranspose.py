@@ -95,6 +95,10 @@ def test_frozen_gives_zero_weight_gradient_and_the_true_dx():
     free.forward(x)
     np.testing.assert_array_equal(frozen.backward(dy), free.backward(dy))
     assert np.all(frozen.grads["weight"] == 0) and np.any(free.grads["weight"] != 0)
+    free.frozen = True                       # frozen after learning: no stale gradient survives
+    free.forward(x)
+    free.backward(dy)
+    assert not free.grads["weight"].any()
 
 
 def test_bad_arguments_say_what_is_wrong():
