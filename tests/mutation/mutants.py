@@ -355,4 +355,8 @@ MUTANTS = [
     Mutant("segnet-unpool-wrong-pools-indices", "SegNet's decoder block b unpools with pool b-1's indices",
            [(SEG, "indices, size = where[b]", "indices, size = where[max(b - 1, 1)][0], where[b][1]")],
            [f"{ST}::test_whole_network_directional_float64_in_training_mode"]),
+    Mutant("segnet-unpool-indices-of-the-other-image", "SegNet unpools image n with image N-1-n's indices "
+           "(forward and backward consistent: only the PyTorch SegNet can see it)",
+           [(SEG, "indices, size = where[b]", "indices, size = where[b][0][::-1], where[b][1]")],
+           [f"{ST}::test_whole_network_directional_float64_in_training_mode", f"{ST}::test_against_torch"]),
 ]
