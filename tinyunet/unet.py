@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinyunet.backend import device_of, is_array, to_device
+from tinyunet.grad_mode import is_grad_enabled, no_grad
 from tinyunet.layers import CenterCrop2d, Concat, Conv2d, Dropout, MaxPool2d, ReLU, UpConv2d, sigmoid
 from tinyunet.layers.base import LayerInputError
 
@@ -226,7 +227,12 @@ class UNet:
     # -- running one layer: the single place every forward and backward goes through ---------
     def _run(self, name, *inputs):
         layer = self.layers[name]
-        output = layer.forward(*inputs)
+        if isinstance(layer, ReLU) and self.tracer is None and not is_grad_enabled():
+            # Inside no_grad() a ReLU's input (always a conv's fresh output here) has no other
+            # reader, so it is rectified in place: one array less, no new pages to fault in.
+            output = layer.forward(inputs[0], out=inputs[0])
+        else:
+            output = layer.forward(*inputs)
         if self.tracer is not None:
             self.tracer.on_forward(name, layer, output)
         return output
@@ -249,30 +255,42 @@ class UNet:
         return self._graph(x, self._run)
 
     def _graph(self, x, run):
-        """The wiring, written once: ``forward`` runs it on arrays, ``summary`` on shapes."""
+        """The wiring, written once: ``forward`` runs it on arrays, ``summary`` on shapes.
+
+        One layer a line, h rebound at once: a layer's input is then held only by what the
+        layer kept for backward, so inside no_grad() (which keeps nothing) each activation is
+        freed as soon as the layer that reads it has run. Only the skips h_i wait, each until
+        its concat."""
         c = self.config
         h = x                                                        # (N, 1, H, W)
         skips = {}
         for i in range(1, c.depth + 1):
-            h = run(f"down{i}.relu1", run(f"down{i}.conv1", h))      # (N, 64 * 2**(i-1), H_i, W_i)
-            h = run(f"down{i}.relu2", run(f"down{i}.conv2", h))      # same
+            h = run(f"down{i}.conv1", h)                             # (N, 64 * 2**(i-1), H_i, W_i)
+            h = run(f"down{i}.relu1", h)
+            h = run(f"down{i}.conv2", h)                             # same
+            h = run(f"down{i}.relu2", h)
             if f"down{i}.dropout" in self.layers:
                 h = run(f"down{i}.dropout", h)                       # dropped: skip AND pool input
             skips[i] = h
             h = run(f"down{i}.pool", h)                              # (N, same, H_i / 2, W_i / 2)
-        h = run("bottom.relu1", run("bottom.conv1", h))              # (N, 1024, H / 16, W / 16)
-        h = run("bottom.relu2", run("bottom.conv2", h))              # same
+        h = run("bottom.conv1", h)                                   # (N, 1024, H / 16, W / 16)
+        h = run("bottom.relu1", h)
+        h = run("bottom.conv2", h)                                   # same
+        h = run("bottom.relu2", h)
         if "bottom.dropout" in self.layers:
             h = run("bottom.dropout", h)
         for i in range(c.depth, 0, -1):
-            h = run(f"up{i}.uprelu", run(f"up{i}.upconv", h))        # (N, w, H_i, W_i): upsampled, halved
-                                                                     # (w = 64 * 2**(i-1))
-            skip = skips[i]                                          # (N, w, H_i, W_i)
+            h = run(f"up{i}.upconv", h)                              # (N, w, H_i, W_i): upsampled, halved
+            h = run(f"up{i}.uprelu", h)                              # (w = 64 * 2**(i-1))
+            skip = skips.pop(i)                                      # (N, w, H_i, W_i)
             if c.padding == "valid":                                 # the skip is larger: cut its center
                 skip = run(f"up{i}.crop", skip, h.shape[2:])
             h = run(f"up{i}.concat", (skip, h))                      # (N, 2w, H_i, W_i): [skip, up]
-            h = run(f"up{i}.relu1", run(f"up{i}.conv1", h))          # (N, w, H_i, W_i)
-            h = run(f"up{i}.relu2", run(f"up{i}.conv2", h))          # same
+            del skip                                                 # h_i has served its two readers
+            h = run(f"up{i}.conv1", h)                               # (N, w, H_i, W_i)
+            h = run(f"up{i}.relu1", h)
+            h = run(f"up{i}.conv2", h)                               # same
+            h = run(f"up{i}.relu2", h)
         if "head.conv" in self.layers:
             h = run("head.conv", h)                                  # (N, 2, H, W)
             if "head.relu" in self.layers:
@@ -322,8 +340,11 @@ class UNet:
         return g                                                     # (N, C_in, H, W)
 
     def predict_proba(self, x):
-        """sigmoid(forward(x)): the probability of the foreground class, (N, 1, H', W')."""
-        return sigmoid(self.forward(x))
+        """sigmoid(forward(x)): the probability of the foreground class, (N, 1, H', W').
+        A prediction: runs inside no_grad(), so no layer keeps anything (no backward follows).
+        Set the mode yourself (``eval()`` for dropout off)."""
+        with no_grad():
+            return sigmoid(self.forward(x))
 
     __call__ = forward
 

@@ -104,13 +104,15 @@ class Conv2d(Layer):
     def forward(self, x):
         """x: (N, C, H, W) -> y: (N, F, OH, OW)."""
         self._check_array(x, channels=self.in_channels)
+        keep = self._keeps_for_backward()     # False inside no_grad(): then keep nothing
         n, _, h, w = x.shape
         pad = resolve_padding(self.padding, self.kernel_size, self.stride, (h, w))
         # Y[n] = W2 @ cols[n] + b, or an equivalent formulation: see conv2d_forward below
         y = conv2d_forward(x, self.params["weight"], self.params.get("bias"), pad, self.stride)
         # Keep x, not cols: recomputing im2col in backward costs a copy, keeping cols for
-        # every layer of a U-Net would cost gigabytes.
-        self._x, self._geometry = x, pad
+        # every layer of a U-Net would cost gigabytes. Inside no_grad(): keep nothing.
+        if keep:
+            self._x, self._geometry = x, pad
         return y
 
     def workspace_bytes(self, x_shape) -> int:

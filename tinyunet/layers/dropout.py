@@ -26,6 +26,8 @@ from .base import Layer
 
 
 class Dropout(Layer):
+    _saved = ("mask",)
+
     def __init__(self, p: float = 0.5, seed: int | None = None, rng: np.random.Generator | None = None,
                  name: str | None = None):
         super().__init__(name)
@@ -40,12 +42,15 @@ class Dropout(Layer):
         """x -> x * mask while training (mask kept for backward); x itself in evaluation."""
         self._check_array(x, ndim=None)
         self._shape, self._dtype = x.shape, x.dtype
+        keep_for_backward = self._keeps_for_backward()
         if not self.training or self.p == 0.0:
             self.mask = None
             return x
         keep = random_uniform(self.rng, x.shape, x.dtype, like=x) >= self.p
-        self.mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - self.p))
-        return x * self.mask
+        mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - self.p))
+        if keep_for_backward:                    # inside no_grad() the mask is drawn, used, dropped
+            self.mask = mask
+        return x * mask
 
     def backward(self, dy):
         """dy -> dy * mask (the forward's mask), or dy itself in evaluation."""
