@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
     parser.add_argument("--tile", type=int, default=None, help="tile side (default: whole image if it fits)")
     parser.add_argument("--margin", type=int, default=32, help="context kept around each tile")
+    parser.add_argument("--memory-gb", type=float, default=0.9, help="memory for the model, activations and "
+                        "workspace of one batch of tiles; picks the tile and the batch (tinyunet.infer.auto_tile)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     args = parser.parse_args(argv)
 
@@ -54,7 +56,8 @@ def main(argv=None) -> int:
         model = load_checkpoint(args.checkpoint).model.to(args.device).eval()
         items = read_inputs(args.inputs)
         for name, image in tqdm(items, desc="predicting", unit="image"):
-            probability = predict_probability(model, image, tile=args.tile, margin=args.margin, tta=args.tta)
+            probability = predict_probability(model, image, tile=args.tile, margin=args.margin, tta=args.tta,
+                                              memory_budget=int(args.memory_gb * 1e9))
             save_prediction(image, probability, args.out, name, args.threshold)
     except (ValueError, OSError, DeviceError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -472,35 +473,96 @@ class UNet:
     def layer_shapes(self, input_shape) -> list[tuple[str, object, tuple, tuple]]:
         """[(name, layer, input shape(s), output shape)] in forward order, computed from shapes
         alone (no arithmetic), by running ``_graph`` on zero-stride placeholder arrays."""
+        records = []
+        self._walk_shapes(input_shape, lambda name, layer, inputs, out: records.append(
+            (name, layer, tuple(a.shape for a in inputs[0]) if isinstance(layer, Concat) else inputs[0].shape,
+             out)))
+        return records
+
+    def _walk_shapes(self, input_shape, visit, made=None):
+        """Run ``_graph`` on placeholders (arrays of the right shape that own one element),
+        calling ``visit(name, layer, inputs, output shape)`` before each layer's output exists
+        and ``made(placeholder)`` for each placeholder made (the input's first).
+        A ReLU or an evaluation Dropout returns its input placeholder itself, as the forward
+        inside no_grad() returns the same array (in place, or the identity)."""
         shape = tuple(input_shape)
         if len(shape) == 3:
             shape = (1,) + shape
         self._check_shape(shape)
         dtype = self.dtype
-        records = []
 
         def placeholder(s):       # an ndarray of shape s that owns one element
-            return np.broadcast_to(np.zeros((), dtype), s)
+            a = np.broadcast_to(np.zeros((), dtype), s)
+            if made is not None:
+                made(a)
+            return a
 
         def shape_run(name, *inputs):
             layer, x = self.layers[name], inputs[0]
             if isinstance(layer, Concat):
                 first = x[0].shape
                 out = (first[0], sum(a.shape[1] for a in x)) + tuple(first[2:])
-                in_shape = tuple(a.shape for a in x)
-            else:
-                in_shape = x.shape
-                if isinstance(layer, CenterCrop2d):
-                    out = layer.output_shape(x.shape, inputs[1])
-                elif hasattr(layer, "output_shape"):
-                    out = layer.output_shape(x.shape)
-                else:              # element-wise: ReLU, Dropout
-                    out = x.shape
-            records.append((name, layer, in_shape, tuple(out)))
+            elif isinstance(layer, CenterCrop2d):
+                out = layer.output_shape(x.shape, inputs[1])
+            elif hasattr(layer, "output_shape"):
+                out = layer.output_shape(x.shape)
+            else:                  # element-wise: ReLU, Dropout
+                out = x.shape
+            visit(name, layer, inputs, tuple(out))
+            if isinstance(layer, ReLU) or (isinstance(layer, Dropout) and not layer.training):
+                return x
             return placeholder(out)
 
         self._graph(placeholder(shape), shape_run)
-        return records
+
+    def inference_bytes(self, input_shape, parts: bool = False):
+        """Peak bytes of one forward inside no_grad() for an (N, C, H, W) input, from the layer
+        shapes alone (tinyunet.infer sizes its tiles and batches with it):
+
+            parameters                    every weight and bias
+          + workspace                     the largest 'cols' and the largest 'padded' slot of
+                                          the convs (grow-only buffers kept between calls)
+          + max over the layers of        what is alive when the layer runs (its input, the
+            alive + output + temporary    skips waiting for their concat, the input x) plus what
+                                          it allocates: its output (none for a ReLU, run in
+                                          place, or an evaluation Dropout, the identity) and its
+                                          temporaries (Conv2d.inference_bytes: Winograd's U, an
+                                          up-conv's band of x)
+
+        Liveness is not written out by hand: ``_graph`` runs on placeholders and an array counts
+        as alive while the graph still holds it (a weak reference tells), which is when the
+        real forward holds it. Not counted: the Python and library baseline of the process
+        (tinyunet with NumPy and Numba about 0.35 GB resident after import), gradients of a
+        model that was trained in this process, and what the allocator keeps (resident memory
+        measured 1.1-1.3x this estimate, examples/RESULTS.md). ``parts=True`` returns
+        {'parameters', 'workspace', 'activations', 'peak_layer'} instead.
+        Test: tests/test_infer.py::test_inference_bytes_bound_what_numpy_allocates."""
+        item = self.dtype.itemsize
+        alive = []                                    # (weak reference, bytes) of every array made
+        slots = {"cols": 0, "padded": 0}
+        peak = [0, None]
+
+        def nbytes(a):
+            return int(np.prod(a.shape)) * item
+
+        def visit(name, layer, inputs, out):
+            held = sum(size for ref, size in alive if ref() is not None)
+            in_place = isinstance(layer, ReLU) or (isinstance(layer, Dropout) and not layer.training)
+            new = 0 if in_place else int(np.prod(out)) * item
+            if isinstance(layer, Dropout) and layer.training:
+                new *= 2                              # the mask, drawn and dropped
+            if isinstance(layer, Conv2d):             # UpConv2d too
+                temporary, slot, workspace = layer.inference_bytes(inputs[0].shape)
+                new += temporary
+                slots[slot] = max(slots[slot], workspace)
+            if held + new > peak[0]:
+                peak[:] = [held + new, name]
+
+        self._walk_shapes(input_shape, visit, made=lambda a: alive.append((weakref.ref(a), nbytes(a))))
+        parameters = sum(int(v.size) * v.dtype.itemsize for v in self.parameters().values())
+        result = {"parameters": parameters, "workspace": slots["cols"] + slots["padded"],
+                  "activations": peak[0], "peak_layer": peak[1]}
+        return result if parts else parameters + result["workspace"] + result["activations"]
 
     def summary(self, input_shape, print_fn=print) -> str:
         """Print (and return) a Keras-like table for an (N, C, H, W) or (C, H, W) input.

@@ -109,12 +109,15 @@ class UpConv2d(Conv2d):
         self._cols, self._x_shape = cols, x.shape
         return y
 
-    def inference_workspace_bytes(self, x_shape) -> int:
-        """Bytes of the workspace _forward_in_bands uses for an x of ``x_shape``: the columns
-        and phases of its largest band, within conv.WORKSPACE_BYTES unless one row is larger."""
+    def inference_bytes(self, x_shape) -> tuple[int, str, int]:
+        """What _forward_in_bands allocates besides y (see Conv2d.inference_bytes): temporary,
+        the copy of one band of x (with the row below) and the phase weights E_ab (9 F C);
+        workspace 'cols': the columns (4C) and phases (4F) of one band."""
         n, c, h, w = x_shape
-        rows = self._band_rows(x_shape)
-        return (4 * c * n * (rows + 1) * w + 4 * self.out_channels * n * (rows + 1) * w) * np.dtype(self.dtype).itemsize
+        f, itemsize = self.out_channels, np.dtype(self.dtype).itemsize
+        rows = min(self._band_rows(x_shape) + 1, h)
+        return ((n * c * rows * w + 9 * f * c) * itemsize, "cols",
+                4 * (c + f) * n * rows * w * itemsize)
 
     def _band_rows(self, x_shape) -> int:
         """Rows of x per band: its columns (4C) and phases (4F) for rows + 1 rows of x (the band and
