@@ -11,8 +11,16 @@ Shapes: image (H, W) float in [0, 1] -> probability (H, W) float32 in [0, 1], th
 probability sigmoid(logit). Any H and W work; nothing is resized.
 
 Test-time augmentation averages the predictions of the 8 flips/rotations of the image, each
-mapped back. Proofs: tests/test_infer.py (tiling equals one whole-image pass where the
-receptive field allows it; any size; TTA of a symmetric model).
+mapped back; the tiles of the eight views share forwards (predict_logits_many), as many per
+forward as the memory budget allows.
+
+Memory: every forward runs inside tinyunet.no_grad() (nothing kept for a backward). The tile
+and the batch are chosen from ``memory_budget`` (DEFAULT_MEMORY_BUDGET, 0.9 GB) by the memory
+model UNet.inference_bytes: the largest tile whose forward fits, or one tile for the whole
+image where that fits, so a 4096x4096 slice predicts without the caller choosing a tile.
+Proofs: tests/test_infer.py (tiling equals one whole-image pass where the receptive field
+allows it; any size; TTA in batches equals eight separate passes; tiles within a budget; the
+memory model against tracemalloc).
 """
 from __future__ import annotations
 
@@ -144,9 +152,10 @@ def auto_tile(model, shape, margin: int, memory_budget: int = DEFAULT_MEMORY_BUD
     whose forward (batch 1) fits it, by UNet.inference_bytes (the memory model: parameters,
     the largest workspace, and the peak of what is alive plus what each layer allocates).
 
-    Memory grows with the tile's area (about 1.3 kB per pixel for the exact U-Net in float32,
-    plus 0.25 GB of parameters and workspace), so the default 0.9 GB picks a 704-pixel tile
-    for a 4096x4096 slice. Raises ValueError when not even the smallest valid tile fits."""
+    Memory grows with the tile's area (about 1.0 kB per pixel for the exact U-Net in float32,
+    plus 0.25-0.35 GB of parameters and workspace), so the default 0.9 GB picks a 576-pixel
+    tile for a 512x512 slice (one pass) and 736-pixel tiles for a 4096x4096 one. Raises
+    ValueError when not even the smallest valid tile fits."""
     config, c = model.config, model.config.in_channels
     need = max(shape) + 2 * margin
     covering = next(s for s in range(max(1, need if config.padding == "same" else 1), 10 * need + 64)

@@ -19,6 +19,12 @@ one input channel (tests/test_unet.py::test_exact_parameter_count).
 The model returns logits: take the loss from them (tinyunet.losses.bce_with_logits, stable)
 and probabilities with ``predict_proba`` (a sigmoid).
 
+Prediction: ``with tinyunet.no_grad(): model.forward(x)`` keeps nothing for a backward, frees
+each activation once its reader has run (the skips at their concat) and skips the masks and
+argmaxes only a backward reads; ``eval()`` separately switches dropout off (both, and why they
+are two switches: tinyunet/grad_mode.py). ``inference_bytes`` estimates the peak memory of
+such a forward from the shapes; tinyunet.infer sizes its tiles with it.
+
 ``padding="valid"`` builds the U-Net paper's unpadded network instead: every 3x3 conv loses a
 one-pixel border, the skips are center-cropped before the concat (CenterCrop2d), the head is
 the paper's single 1x1 conv, and the 2x2 up-convs keep 'same' padding so that each exactly
@@ -533,8 +539,9 @@ class UNet:
         as alive while the graph still holds it (a weak reference tells), which is when the
         real forward holds it. Not counted: the Python and library baseline of the process
         (tinyunet with NumPy and Numba about 0.35 GB resident after import), gradients of a
-        model that was trained in this process, and what the allocator keeps (resident memory
-        measured 1.1-1.3x this estimate, examples/RESULTS.md). ``parts=True`` returns
+        model that was trained in this process, and what the allocator keeps: at 512x512 the
+        estimate is 0.55 GB and the peak resident memory 1.00 GB, 0.77 GB over the baseline
+        after import, about 1.4x (examples/RESULTS.md). ``parts=True`` returns
         {'parameters', 'workspace', 'activations', 'peak_layer'} instead.
         Test: tests/test_infer.py::test_inference_bytes_bound_what_numpy_allocates."""
         item = self.dtype.itemsize
@@ -620,7 +627,9 @@ class UNet:
                  f"Total MACs: {total_macs:,} ({2 * total_macs / 1e9:,.2f} GFLOP forward)",
                  f"Training-step memory (estimate): {mb(state + kept + workspace)} = "
                  f"params, grads, Adam m and v {mb(state)} + kept for backward {mb(kept)} "
-                 f"+ largest conv workspace {mb(workspace)}"]
+                 f"+ largest conv workspace {mb(workspace)}",
+                 f"Inference memory inside no_grad() (estimate, UNet.inference_bytes): "
+                 f"{mb(self.inference_bytes(records[0][2]))}"]
         result = "\n".join(text)
         if print_fn is not None:
             print_fn(result)
