@@ -201,7 +201,7 @@ def check_prediction_input(image, tile, margin, batch) -> np.ndarray:
     if array.size and (array.min() < 0 or array.max() > 1):
         refuse(f"image values run from {array.min():g} to {array.max():g}; give values in [0, 1]")
     for name, value, low in (("tile", tile, 1), ("margin", margin, 0), ("batch", batch, 1)):
-        if value is None and name == "tile":
+        if value is None and name in ("tile", "batch"):      # None: chosen within the memory budget
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             refuse(f"{name} must be a whole number >= {low}, got {value!r}")
