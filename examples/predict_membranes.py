@@ -81,6 +81,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tile", type=bounded(int, 16), default=None,
                         help="tile side (default: whole image if it fits)")
     parser.add_argument("--margin", type=bounded(int, 0), default=32, help="context kept around each tile")
+    parser.add_argument("--memory-gb", type=bounded(float, 0, low_open=True), default=0.9,
+                        help="memory for the model, activations and workspace of one batch of tiles; picks the "
+                        "tile and the batch (tinyunet.infer.auto_tile)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     args = parser.parse_args(argv)
 
@@ -98,7 +101,8 @@ def main(argv=None) -> int:
         items = read_inputs(args.inputs)
         items = unique_items(items, args.out)
         for name, image, _ in tqdm(items, desc="predicting", unit="image"):
-            probability = predict_probability(model, image, tile=args.tile, margin=args.margin, tta=args.tta)
+            probability = predict_probability(model, image, tile=args.tile, margin=args.margin, tta=args.tta,
+                                              memory_budget=int(args.memory_gb * 1e9))
             save_prediction(image, probability, args.out, name, args.threshold)
     except (ValueError, OSError, DeviceError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)

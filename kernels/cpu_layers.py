@@ -45,6 +45,13 @@ if njit is not None:
             y[i] = 0 if value <= 0 else value       # NaN <= 0 is False: NaN passes through
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def relu_forward_values(x, y):
+        """relu_forward without the mask, for tinyunet.no_grad(); y may be x itself."""
+        for i in prange(x.size):
+            value = x[i]
+            y[i] = 0 if value <= 0 else value
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def relu_backward(dy, positive, dx):
         """Flat dx = dy * positive (a multiply, as NumPy: NaN * 0 stays NaN)."""
         for i in prange(dy.size):
@@ -68,6 +75,22 @@ if njit is not None:
                                 where = i * k + j
                     y[p, oh, ow] = best
                     argmax[p, oh, ow] = where
+
+    @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
+    def maxpool_forward_values(x, y, k, s):
+        """maxpool_forward without the argmax, for tinyunet.no_grad(): the same comparisons
+        in the same order, so the same y."""
+        planes, out_h, out_w = y.shape
+        for p in prange(planes):
+            for oh in range(out_h):
+                for ow in range(out_w):
+                    best = x[p, oh * s, ow * s]
+                    for i in range(k):
+                        for j in range(k):
+                            value = x[p, oh * s + i, ow * s + j]
+                            if value > best:
+                                best = value
+                    y[p, oh, ow] = best
 
     @njit(parallel=True, cache=True, nogil=True, boundscheck=False)
     def maxpool_backward(dy, argmax, dx, k, s):

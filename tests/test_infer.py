@@ -83,8 +83,110 @@ def test_saved_files(tmp_path):
 
 def test_auto_tile_covers_the_image_in_one_pass(tiny_same):
     from tinyunet.infer import auto_tile
-    assert auto_tile(tiny_same.config, (256, 256), margin=32) == 320      # 256 + 2*32, divisible by 4
-    assert auto_tile(tiny_same.config, (30, 7), margin=8) == 48
-    assert auto_tile(tiny_same.config, (5000, 5000), margin=32) == 512    # too large: tiles of 512
+    assert auto_tile(tiny_same, (256, 256), margin=32) == 320      # 256 + 2*32, divisible by 4
+    assert auto_tile(tiny_same, (30, 7), margin=8) == 48
     probability = predict_probability(tiny_same, np.random.default_rng(4).random((30, 7)))
     assert probability.shape == (30, 7)
+
+
+def test_auto_tile_takes_the_largest_tile_within_the_memory_budget():
+    from tinyunet.infer import DEFAULT_MEMORY_BUDGET, auto_tile
+    model = UNet()                                                  # the exact U-Net, 31M parameters
+    tile = auto_tile(model, (4096, 4096), margin=32)                # too large for one pass
+    assert tile % 16 == 0 and 64 < tile < 4096
+    assert model.inference_bytes((1, 1, tile, tile)) <= DEFAULT_MEMORY_BUDGET
+    assert model.inference_bytes((1, 1, tile + 16, tile + 16)) > DEFAULT_MEMORY_BUDGET
+    assert auto_tile(model, (512, 512), margin=32) == 576           # a slice fits in one pass
+    budget = model.inference_bytes((1, 1, 256, 256))
+    assert auto_tile(model, (512, 512), margin=32, memory_budget=budget) == 256
+    with pytest.raises(ValueError, match="no tile fits a memory budget of 0.10 GB.*raise memory_budget"):
+        auto_tile(model, (512, 512), margin=32, memory_budget=10 ** 8)
+
+
+def test_a_small_budget_predicts_in_tiles_the_same_image(tiny_same):
+    from tinyunet.infer import auto_tile
+    image = np.random.default_rng(5).random((70, 90))
+    whole = predict_probability(tiny_same, image, margin=32)        # one 160-pixel pass
+    budget = tiny_same.inference_bytes((1, 1, 80, 80))
+    assert auto_tile(tiny_same, image.shape, 32, memory_budget=budget) == 80
+    tiled = predict_probability(tiny_same, image, margin=32, memory_budget=budget)   # 80-pixel tiles
+    # 32 pixels of context cover depth 2's receptive field: the tiles give the one pass's numbers
+    np.testing.assert_allclose(tiled, whole, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float64", 1e-7), ("float32", 2e-6)])   # the result is float32
+@pytest.mark.parametrize("shape, tile", [((40, 40), None), ((37, 53), 32)])
+def test_tta_in_batches_equals_eight_separate_passes(dtype, tolerance, shape, tile):
+    """The eight views batched (their tiles share forwards) give what eight separate passes
+    gave: each view predicted alone, its probability mapped back, the eight averaged."""
+    from tinyunet.infer import _dihedral, _undo_dihedral, auto_tile
+    from tinyunet.layers.activation import sigmoid
+    model = UNet(base_width=4, depth=2, dropout=0.5, seed=7, dtype=dtype)
+    image = np.random.default_rng(6).random(shape).astype(np.float32)
+    chosen = auto_tile(model, shape, 8) if tile is None else tile
+    separate = np.zeros(shape)
+    model.eval()
+    for flip in (False, True):
+        for k in range(4):
+            view = np.ascontiguousarray(_dihedral(image, k, flip))
+            logits = predict_logits_tiled(model, view, chosen, 8, batch=1)
+            separate += _undo_dihedral(sigmoid(logits), k, flip)
+    separate /= 8
+    model.train()
+    for batch in (8, 3, None):
+        together = predict_probability(model, image, tile=tile, margin=8, tta=True, batch=batch)
+        np.testing.assert_allclose(together, separate, rtol=tolerance, atol=tolerance)
+    assert model.training                                           # the mode came back
+
+
+def test_inference_bytes_bound_what_numpy_allocates():
+    """UNet.inference_bytes against tracemalloc (which sees every NumPy array): in a warm
+    process (the workspace grown), the peak of a forward inside no_grad() plus the workspace it
+    reuses stays within the estimate's activations + workspace, and close to them."""
+    import tracemalloc
+
+    import tinyunet
+    from tinyunet.layers import conv
+    for config, shape in [(dict(base_width=8, depth=3), (2, 1, 64, 64)),
+                          (dict(base_width=16, depth=4), (3, 1, 128, 128)),
+                          (dict(base_width=8, depth=2, padding="valid"), (2, 1, 60, 60))]:
+        model = UNet(**config).eval()
+        x = np.random.default_rng(0).random(shape, dtype=np.float32)
+        conv.release_workspace()
+        with tinyunet.no_grad():
+            model.forward(x)                                        # grows the workspace
+        workspace = sum(block.nbytes for block in conv._workspace.values())
+        tracemalloc.start()
+        try:
+            with tinyunet.no_grad():
+                model.forward(x)
+            measured = tracemalloc.get_traced_memory()[1] + workspace + x.nbytes
+        finally:
+            tracemalloc.stop()
+        estimate = model.inference_bytes(shape, parts=True)
+        bound = estimate["activations"] + estimate["workspace"]
+        # + 256 kB: tracemalloc also sees the Python objects a forward makes (frames, tuples)
+        assert 0.8 * bound <= measured <= 1.02 * bound + 2 ** 18, (config, measured, estimate)
+
+
+def test_bench_infer_runs_at_a_tiny_size(tmp_path, capsys):
+    """examples/bench_infer.py end to end at 16x16 and on two tiny slices with a tiny model."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "bench_infer", Path(__file__).resolve().parent.parent / "examples" / "bench_infer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for index in range(2):
+        Image.fromarray((np.random.default_rng(index).random((40, 36)) * 255).astype(np.uint8)).save(
+            tmp_path / f"{index}.png")
+    frameworks = ["tinyunet", "torch"] if importlib.util.find_spec("torch") else ["tinyunet"]
+    assert bench.main(["--sizes", "16", "--steps", "1", "--frameworks", *frameworks, "--tta-slices", "2",
+                       "--data", str(tmp_path), "--tta-base-width", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "tinyunet  16x16  batch 1  forward median" in out
+    assert "predict_membranes.py --tta  2 slices" in out and "s per slice" in out
+    if len(frameworks) == 2:
+        assert "ratio  16x16  time tinyunet/torch" in out
+    with pytest.raises(SystemExit, match="fewer than --tta-slices 3"):
+        bench.main(["--sizes", "--tta-slices", "3", "--data", str(tmp_path)])

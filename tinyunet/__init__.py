@@ -67,4 +67,8 @@ def _keep_large_blocks_in_the_heap() -> bool:
 
 MALLOPT_APPLIED = _keep_large_blocks_in_the_heap()
 
+# Inference mode (tinyunet/grad_mode.py): ``with tinyunet.no_grad():`` forwards keep nothing for a
+# backward. A plain module without imports, so that it leaves the settings above in force.
+from tinyunet.grad_mode import enable_grad, is_grad_enabled, no_grad  # noqa: E402
+
 __version__ = "0.1.0"

@@ -11,8 +11,16 @@ Shapes: image (H, W) float in [0, 1] -> probability (H, W) float32 in [0, 1], th
 probability sigmoid(logit). Any H and W work; nothing is resized.
 
 Test-time augmentation averages the predictions of the 8 flips/rotations of the image, each
-mapped back. Proofs: tests/test_infer.py (tiling equals one whole-image pass where the
-receptive field allows it; any size; TTA of a symmetric model).
+mapped back; the tiles of the eight views share forwards (predict_logits_many), as many per
+forward as the memory budget allows.
+
+Memory: every forward runs inside tinyunet.no_grad() (nothing kept for a backward). The tile
+and the batch are chosen from ``memory_budget`` (DEFAULT_MEMORY_BUDGET, 0.9 GB) by the memory
+model UNet.inference_bytes: the largest tile whose forward fits, or one tile for the whole
+image where that fits, so a 4096x4096 slice predicts without the caller choosing a tile.
+Proofs: tests/test_infer.py (tiling equals one whole-image pass where the receptive field
+allows it; any size; TTA in batches equals eight separate passes; tiles within a budget; the
+memory model against tracemalloc).
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ from PIL import Image
 
 from tinyunet.backend import to_device, to_numpy
 from tinyunet.files import atomic_write
+from tinyunet.grad_mode import no_grad
 from tinyunet.layers.activation import sigmoid
 from tinyunet.unet import output_size
 
@@ -47,29 +56,72 @@ def tile_geometry(config, tile: int, margin: int):
     return tile, out, 0   # the unpadded network already returns only the well-seen center
 
 
+# The default memory budget of a prediction: the model's parameters plus the activations and
+# workspaces of one batch of tiles, as UNet.inference_bytes estimates them. Resident memory
+# measured about 1.4x that estimate plus the process's 0.25 GB baseline (examples/RESULTS.md),
+# so 0.9 GB keeps a whole prediction, TTA included, under 1.5 GB.
+DEFAULT_MEMORY_BUDGET = 900 * 10 ** 6
+MAX_BATCH = 8                      # the eight TTA views of a small image fit in one batch
+
+
+def _tiling(config, shape, tile: int, margin: int):
+    """For an (H, W) image: (padding of the mirror-padded image, tile corners, keep, offset)."""
+    tile, keep, offset = tile_geometry(config, tile, margin)
+    h, w = shape
+    context = (tile - keep) // 2 if config.padding != "same" else offset
+    rows, cols = -(-h // keep), -(-w // keep)
+    # mirror-pad: `context` before, enough after that every tile is whole
+    pad = ((context, rows * keep - h + (tile - keep - context)), (context, cols * keep - w + (tile - keep - context)))
+    corners = [(r * keep, c * keep) for r in range(rows) for c in range(cols)]
+    return pad, corners, keep, offset
+
+
+def predict_logits_many(model, images, tile: int, margin: int = 32, batch: int = 2):
+    """Overlap-tile logits of each (H, W) image of the iterable ``images``, yielded in order.
+
+    The tiles of consecutive images share batches: ``batch`` tiles per forward, across image
+    boundaries, so the eight small TTA views run as one batch of eight where memory allows
+    (one forward does the work of eight with the weights read once: Winograd's transformed
+    weights are computed once instead of eight times, and the deep layers' products are 8x
+    wider). Each forward runs inside no_grad(). An image is read when its first tile is
+    needed and its logits are yielded once its last tile is done, so at most ``batch`` + 1
+    images are in flight."""
+    config = model.config
+    dtype, device = np.dtype(config.dtype), model.device
+    in_flight = []                               # [padded image, logits, tiles still to run, shape]
+    jobs = []                                    # (record, corner)
+
+    def run_batch():
+        tile_images = np.stack([record[0][r:r + tile, c:c + tile] for record, (r, c) in jobs])[:, None]
+        with no_grad():                          # keeps nothing for a backward (tinyunet/grad_mode.py)
+            out = to_numpy(model.forward(to_device(tile_images.astype(dtype, copy=False), device)))
+        for (record, (r, c)), o in zip(jobs, out):
+            record[1][r:r + keep, c:c + keep] = o[0, offset:offset + keep, offset:offset + keep]
+            record[2] -= 1
+        jobs.clear()
+        while in_flight and in_flight[0][2] == 0:
+            padded, logits, _, (h, w) = in_flight.pop(0)
+            yield logits[:h, :w]
+
+    for image in images:
+        pad, corners, keep, offset = _tiling(config, image.shape, tile, margin)
+        # numpy mirrors repeatedly where the padding is wider than the image itself
+        padded = np.pad(image, pad, mode="symmetric")
+        record = [padded, np.zeros((pad[0][0] + image.shape[0] + pad[0][1] - (tile - keep),
+                                    pad[1][0] + image.shape[1] + pad[1][1] - (tile - keep)), dtype=dtype),
+                  len(corners), image.shape]
+        in_flight.append(record)
+        for corner in corners:
+            jobs.append((record, corner))
+            if len(jobs) == batch:
+                yield from run_batch()
+    if jobs:
+        yield from run_batch()
+
+
 def predict_logits_tiled(model, image, tile: int = 256, margin: int = 32, batch: int = 2):
     """Overlap-tile prediction of one (H, W) image -> logits (H, W) on the host."""
-    config = model.config
-    tile, keep, offset = tile_geometry(config, tile, margin)
-    h, w = image.shape
-    context = (tile - keep) // 2 if config.padding != "same" else offset
-    rows = -(-h // keep)
-    cols = -(-w // keep)
-    # mirror-pad: `context` before, enough after that every tile is whole
-    pad_after_h = rows * keep - h + (tile - keep - context)
-    pad_after_w = cols * keep - w + (tile - keep - context)
-    # numpy mirrors repeatedly where the padding is wider than the image itself
-    padded = np.pad(image, ((context, pad_after_h), (context, pad_after_w)), mode="symmetric")
-    corners = [(r * keep, c * keep) for r in range(rows) for c in range(cols)]
-    dtype, device = np.dtype(config.dtype), model.device
-    logits = np.zeros((rows * keep, cols * keep), dtype=dtype)
-    for start in range(0, len(corners), batch):
-        chunk = corners[start:start + batch]
-        tiles = np.stack([padded[r:r + tile, c:c + tile] for r, c in chunk])[:, None].astype(dtype)
-        out = to_numpy(model.forward(to_device(tiles, device)))    # (B, 1, out, out)
-        for (r, c), o in zip(chunk, out):
-            logits[r:r + keep, c:c + keep] = o[0, offset:offset + keep, offset:offset + keep]
-    return logits[:h, :w]
+    return next(predict_logits_many(model, [image], tile, margin, batch))
 
 
 def _dihedral(a, k: int, flip: bool):
@@ -82,15 +134,50 @@ def _undo_dihedral(a, k: int, flip: bool):
     return np.rot90(a, -k)
 
 
-def auto_tile(config, shape, margin: int, largest: int = 1024) -> int:
-    """The smallest valid tile that covers the whole image and its margins in one pass, or a
-    512 tile when that would exceed ``largest`` (memory grows with the tile's area)."""
+def _valid_sizes(config, largest: int):
+    return [s for s in range(1, largest + 1) if output_size(s, config.depth, config.padding)]
+
+
+def batch_for_budget(model, tile: int, memory_budget: int = DEFAULT_MEMORY_BUDGET, most: int = MAX_BATCH) -> int:
+    """The largest batch of ``tile``-sized tiles (at most ``most``) whose forward inside
+    no_grad() fits ``memory_budget`` bytes by UNet.inference_bytes; 1 when none does."""
+    c = model.config.in_channels
+    fitting = [b for b in range(1, most + 1) if model.inference_bytes((b, c, tile, tile)) <= memory_budget]
+    return max(fitting, default=1)
+
+
+def auto_tile(model, shape, margin: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
+    """The tile for an (H, W) image: the smallest valid tile that covers the whole image and its
+    margins in one pass, when its forward fits ``memory_budget``; else the largest valid tile
+    whose forward (batch 1) fits it, by UNet.inference_bytes (the memory model: parameters,
+    the largest workspace, and the peak of what is alive plus what each layer allocates).
+
+    Memory grows with the tile's area (about 1.0 kB per pixel for the exact U-Net in float32,
+    plus 0.25-0.35 GB of parameters and workspace), so the default 0.9 GB picks a 576-pixel
+    tile for a 512x512 slice (one pass) and 736-pixel tiles for a 4096x4096 one. Raises
+    ValueError when not even the smallest valid tile fits."""
+    config, c = model.config, model.config.in_channels
     need = max(shape) + 2 * margin
-    for size in range(16, largest + 1):
-        out = output_size(size, config.depth, config.padding)
-        if out is not None and (out >= max(shape) if config.padding == "valid" else size >= need):
-            return size
-    return next(s for s in range(512, 16, -1) if output_size(s, config.depth, config.padding))
+    covering = next(s for s in range(max(1, need if config.padding == "same" else 1), 10 * need + 64)
+                    if output_size(s, config.depth, config.padding)
+                    and (config.padding == "same" or output_size(s, config.depth, config.padding) >= max(shape)))
+
+    def fits(size):
+        return model.inference_bytes((1, c, size, size)) <= memory_budget
+
+    if fits(covering):
+        return covering
+    step = 2 ** config.depth                      # tile_geometry rounds the margin up to it
+    sizes = [s for s in _valid_sizes(config, covering) if config.padding != "same" or s > 2 * (-(-margin // step) * step)]
+    lo, hi = 0, len(sizes) - 1                    # memory grows with the size: bisect the largest fit
+    if not sizes or not fits(sizes[0]):
+        raise ValueError(f"no tile fits a memory budget of {memory_budget / 1e9:.2f} GB for this model "
+                         f"(the parameters alone take {sum(v.nbytes for v in model.parameters().values()) / 1e9:.2f} "
+                         f"GB); raise memory_budget")
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(sizes[mid]) else (lo, mid - 1)
+    return sizes[lo]
 
 
 def check_prediction_input(image, tile, margin, batch) -> np.ndarray:
@@ -114,7 +201,7 @@ def check_prediction_input(image, tile, margin, batch) -> np.ndarray:
     if array.size and (array.min() < 0 or array.max() > 1):
         refuse(f"image values run from {array.min():g} to {array.max():g}; give values in [0, 1]")
     for name, value, low in (("tile", tile, 1), ("margin", margin, 0), ("batch", batch, 1)):
-        if value is None and name == "tile":
+        if value is None and name in ("tile", "batch"):      # None: chosen within the memory budget
             continue
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             refuse(f"{name} must be a whole number >= {low}, got {value!r}")
@@ -122,22 +209,30 @@ def check_prediction_input(image, tile, margin, batch) -> np.ndarray:
 
 
 def predict_probability(model, image, tile: int | None = None, margin: int = 32, tta: bool = False,
-                        batch: int = 2) -> np.ndarray:
+                        batch: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> np.ndarray:
     """Membrane probability (H, W) float32 of an (H, W) image in [0, 1], any size.
 
-    tile None: one tile for the whole image where that fits (see auto_tile), else 512.
+    tile None: chosen by auto_tile within ``memory_budget`` bytes (one tile for the whole image
+    where that fits). batch None: as many tiles per forward as fit the budget (batch_for_budget).
+    ``tta``: the mean of the probabilities of the 8 flips/rotations, each mapped back; their
+    tiles share batches (predict_logits_many), which gives the same numbers as eight separate
+    passes to float32 rounding (tests/test_infer.py). Runs in evaluation mode (dropout off) and
+    inside no_grad(): no layer keeps anything, and the model's mode is put back afterwards.
     """
     image = check_prediction_input(image, tile, margin, batch)
     if tile is None:
-        tile = auto_tile(model.config, image.shape, margin)
+        tile = auto_tile(model, image.shape, margin, memory_budget)
+    tile_geometry(model.config, tile, margin)     # a bad tile or margin fails before any work
+    views = [(k, f) for f in (False, True) for k in range(4)] if tta else [(0, False)]
+    if batch is None:
+        tiles_per_view = len(_tiling(model.config, image.shape, tile, margin)[1])
+        batch = batch_for_budget(model, tile, memory_budget, most=min(MAX_BATCH, tiles_per_view * len(views)))
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        views = [(k, f) for f in (False, True) for k in range(4)] if tta else [(0, False)]
         total = np.zeros(image.shape, dtype=np.float64)
-        for k, flip in views:
-            logits = predict_logits_tiled(model, np.ascontiguousarray(_dihedral(image, k, flip)),
-                                          tile, margin, batch)
+        images = (np.ascontiguousarray(_dihedral(image, k, flip)) for k, flip in views)
+        for (k, flip), logits in zip(views, predict_logits_many(model, images, tile, margin, batch)):
             total += _undo_dihedral(to_numpy(sigmoid(logits)), k, flip)
         return (total / len(views)).astype(np.float32)
     finally:

@@ -19,6 +19,12 @@ one input channel (tests/test_unet.py::test_exact_parameter_count).
 The model returns logits: take the loss from them (tinyunet.losses.bce_with_logits, stable)
 and probabilities with ``predict_proba`` (a sigmoid).
 
+Prediction: ``with tinyunet.no_grad(): model.forward(x)`` keeps nothing for a backward, frees
+each activation once its reader has run (the skips at their concat) and skips the masks and
+argmaxes only a backward reads; ``eval()`` separately switches dropout off (both, and why they
+are two switches: tinyunet/grad_mode.py). ``inference_bytes`` estimates the peak memory of
+such a forward from the shapes; tinyunet.infer sizes its tiles with it.
+
 ``padding="valid"`` builds the U-Net paper's unpadded network instead: every 3x3 conv loses a
 one-pixel border, the skips are center-cropped before the concat (CenterCrop2d), the head is
 the paper's single 1x1 conv, and the 2x2 up-convs keep 'same' padding so that each exactly
@@ -34,11 +40,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
 from tinyunet.backend import device_of, is_array, to_device
+from tinyunet.grad_mode import is_grad_enabled, no_grad
 from tinyunet.layers import CenterCrop2d, Concat, Conv2d, Dropout, MaxPool2d, ReLU, UpConv2d, sigmoid
 from tinyunet.layers.base import LayerInputError
 
@@ -226,7 +234,12 @@ class UNet:
     # -- running one layer: the single place every forward and backward goes through ---------
     def _run(self, name, *inputs):
         layer = self.layers[name]
-        output = layer.forward(*inputs)
+        if isinstance(layer, ReLU) and self.tracer is None and not is_grad_enabled():
+            # Inside no_grad() a ReLU's input (always a conv's fresh output here) has no other
+            # reader, so it is rectified in place: one array less, no new pages to fault in.
+            output = layer.forward(inputs[0], out=inputs[0])
+        else:
+            output = layer.forward(*inputs)
         if self.tracer is not None:
             self.tracer.on_forward(name, layer, output)
         return output
@@ -249,30 +262,42 @@ class UNet:
         return self._graph(x, self._run)
 
     def _graph(self, x, run):
-        """The wiring, written once: ``forward`` runs it on arrays, ``summary`` on shapes."""
+        """The wiring, written once: ``forward`` runs it on arrays, ``summary`` on shapes.
+
+        One layer a line, h rebound at once: a layer's input is then held only by what the
+        layer kept for backward, so inside no_grad() (which keeps nothing) each activation is
+        freed as soon as the layer that reads it has run. Only the skips h_i wait, each until
+        its concat."""
         c = self.config
         h = x                                                        # (N, 1, H, W)
         skips = {}
         for i in range(1, c.depth + 1):
-            h = run(f"down{i}.relu1", run(f"down{i}.conv1", h))      # (N, 64 * 2**(i-1), H_i, W_i)
-            h = run(f"down{i}.relu2", run(f"down{i}.conv2", h))      # same
+            h = run(f"down{i}.conv1", h)                             # (N, 64 * 2**(i-1), H_i, W_i)
+            h = run(f"down{i}.relu1", h)
+            h = run(f"down{i}.conv2", h)                             # same
+            h = run(f"down{i}.relu2", h)
             if f"down{i}.dropout" in self.layers:
                 h = run(f"down{i}.dropout", h)                       # dropped: skip AND pool input
             skips[i] = h
             h = run(f"down{i}.pool", h)                              # (N, same, H_i / 2, W_i / 2)
-        h = run("bottom.relu1", run("bottom.conv1", h))              # (N, 1024, H / 16, W / 16)
-        h = run("bottom.relu2", run("bottom.conv2", h))              # same
+        h = run("bottom.conv1", h)                                   # (N, 1024, H / 16, W / 16)
+        h = run("bottom.relu1", h)
+        h = run("bottom.conv2", h)                                   # same
+        h = run("bottom.relu2", h)
         if "bottom.dropout" in self.layers:
             h = run("bottom.dropout", h)
         for i in range(c.depth, 0, -1):
-            h = run(f"up{i}.uprelu", run(f"up{i}.upconv", h))        # (N, w, H_i, W_i): upsampled, halved
-                                                                     # (w = 64 * 2**(i-1))
-            skip = skips[i]                                          # (N, w, H_i, W_i)
+            h = run(f"up{i}.upconv", h)                              # (N, w, H_i, W_i): upsampled, halved
+            h = run(f"up{i}.uprelu", h)                              # (w = 64 * 2**(i-1))
+            skip = skips.pop(i)                                      # (N, w, H_i, W_i)
             if c.padding == "valid":                                 # the skip is larger: cut its center
                 skip = run(f"up{i}.crop", skip, h.shape[2:])
             h = run(f"up{i}.concat", (skip, h))                      # (N, 2w, H_i, W_i): [skip, up]
-            h = run(f"up{i}.relu1", run(f"up{i}.conv1", h))          # (N, w, H_i, W_i)
-            h = run(f"up{i}.relu2", run(f"up{i}.conv2", h))          # same
+            del skip                                                 # h_i has served its two readers
+            h = run(f"up{i}.conv1", h)                               # (N, w, H_i, W_i)
+            h = run(f"up{i}.relu1", h)
+            h = run(f"up{i}.conv2", h)                               # same
+            h = run(f"up{i}.relu2", h)
         if "head.conv" in self.layers:
             h = run("head.conv", h)                                  # (N, 2, H, W)
             if "head.relu" in self.layers:
@@ -322,8 +347,11 @@ class UNet:
         return g                                                     # (N, C_in, H, W)
 
     def predict_proba(self, x):
-        """sigmoid(forward(x)): the probability of the foreground class, (N, 1, H', W')."""
-        return sigmoid(self.forward(x))
+        """sigmoid(forward(x)): the probability of the foreground class, (N, 1, H', W').
+        A prediction: runs inside no_grad(), so no layer keeps anything (no backward follows).
+        Set the mode yourself (``eval()`` for dropout off)."""
+        with no_grad():
+            return sigmoid(self.forward(x))
 
     __call__ = forward
 
@@ -451,35 +479,97 @@ class UNet:
     def layer_shapes(self, input_shape) -> list[tuple[str, object, tuple, tuple]]:
         """[(name, layer, input shape(s), output shape)] in forward order, computed from shapes
         alone (no arithmetic), by running ``_graph`` on zero-stride placeholder arrays."""
+        records = []
+        self._walk_shapes(input_shape, lambda name, layer, inputs, out: records.append(
+            (name, layer, tuple(a.shape for a in inputs[0]) if isinstance(layer, Concat) else inputs[0].shape,
+             out)))
+        return records
+
+    def _walk_shapes(self, input_shape, visit, made=None):
+        """Run ``_graph`` on placeholders (arrays of the right shape that own one element),
+        calling ``visit(name, layer, inputs, output shape)`` before each layer's output exists
+        and ``made(placeholder)`` for each placeholder made (the input's first).
+        A ReLU or an evaluation Dropout returns its input placeholder itself, as the forward
+        inside no_grad() returns the same array (in place, or the identity)."""
         shape = tuple(input_shape)
         if len(shape) == 3:
             shape = (1,) + shape
         self._check_shape(shape)
         dtype = self.dtype
-        records = []
 
         def placeholder(s):       # an ndarray of shape s that owns one element
-            return np.broadcast_to(np.zeros((), dtype), s)
+            a = np.broadcast_to(np.zeros((), dtype), s)
+            if made is not None:
+                made(a)
+            return a
 
         def shape_run(name, *inputs):
             layer, x = self.layers[name], inputs[0]
             if isinstance(layer, Concat):
                 first = x[0].shape
                 out = (first[0], sum(a.shape[1] for a in x)) + tuple(first[2:])
-                in_shape = tuple(a.shape for a in x)
-            else:
-                in_shape = x.shape
-                if isinstance(layer, CenterCrop2d):
-                    out = layer.output_shape(x.shape, inputs[1])
-                elif hasattr(layer, "output_shape"):
-                    out = layer.output_shape(x.shape)
-                else:              # element-wise: ReLU, Dropout
-                    out = x.shape
-            records.append((name, layer, in_shape, tuple(out)))
+            elif isinstance(layer, CenterCrop2d):
+                out = layer.output_shape(x.shape, inputs[1])
+            elif hasattr(layer, "output_shape"):
+                out = layer.output_shape(x.shape)
+            else:                  # element-wise: ReLU, Dropout
+                out = x.shape
+            visit(name, layer, inputs, tuple(out))
+            if isinstance(layer, ReLU) or (isinstance(layer, Dropout) and not layer.training):
+                return x
             return placeholder(out)
 
         self._graph(placeholder(shape), shape_run)
-        return records
+
+    def inference_bytes(self, input_shape, parts: bool = False):
+        """Peak bytes of one forward inside no_grad() for an (N, C, H, W) input, from the layer
+        shapes alone (tinyunet.infer sizes its tiles and batches with it):
+
+            parameters                    every weight and bias
+          + workspace                     the largest 'cols' and the largest 'padded' slot of
+                                          the convs (grow-only buffers kept between calls)
+          + max over the layers of        what is alive when the layer runs (its input, the
+            alive + output + temporary    skips waiting for their concat, the input x) plus what
+                                          it allocates: its output (none for a ReLU, run in
+                                          place, or an evaluation Dropout, the identity) and its
+                                          temporaries (Conv2d.inference_bytes: Winograd's U, an
+                                          up-conv's band of x)
+
+        Liveness is not written out by hand: ``_graph`` runs on placeholders and an array counts
+        as alive while the graph still holds it (a weak reference tells), which is when the
+        real forward holds it. Not counted: the Python and library baseline of the process
+        (tinyunet with NumPy and Numba about 0.35 GB resident after import), gradients of a
+        model that was trained in this process, and what the allocator keeps: at 512x512 the
+        estimate is 0.55 GB and the peak resident memory 1.00 GB, 0.77 GB over the baseline
+        after import, about 1.4x (examples/RESULTS.md). ``parts=True`` returns
+        {'parameters', 'workspace', 'activations', 'peak_layer'} instead.
+        Test: tests/test_infer.py::test_inference_bytes_bound_what_numpy_allocates."""
+        item = self.dtype.itemsize
+        alive = []                                    # (weak reference, bytes) of every array made
+        slots = {"cols": 0, "padded": 0}
+        peak = [0, None]
+
+        def nbytes(a):
+            return int(np.prod(a.shape)) * item
+
+        def visit(name, layer, inputs, out):
+            held = sum(size for ref, size in alive if ref() is not None)
+            in_place = isinstance(layer, ReLU) or (isinstance(layer, Dropout) and not layer.training)
+            new = 0 if in_place else int(np.prod(out)) * item
+            if isinstance(layer, Dropout) and layer.training:
+                new *= 2                              # the mask, drawn and dropped
+            if isinstance(layer, Conv2d):             # UpConv2d too
+                temporary, slot, workspace = layer.inference_bytes(inputs[0].shape)
+                new += temporary
+                slots[slot] = max(slots[slot], workspace)
+            if held + new > peak[0]:
+                peak[:] = [held + new, name]
+
+        self._walk_shapes(input_shape, visit, made=lambda a: alive.append((weakref.ref(a), nbytes(a))))
+        parameters = sum(int(v.size) * v.dtype.itemsize for v in self.parameters().values())
+        result = {"parameters": parameters, "workspace": slots["cols"] + slots["padded"],
+                  "activations": peak[0], "peak_layer": peak[1]}
+        return result if parts else parameters + result["workspace"] + result["activations"]
 
     def summary(self, input_shape, print_fn=print) -> str:
         """Print (and return) a Keras-like table for an (N, C, H, W) or (C, H, W) input.
@@ -537,7 +627,9 @@ class UNet:
                  f"Total MACs: {total_macs:,} ({2 * total_macs / 1e9:,.2f} GFLOP forward)",
                  f"Training-step memory (estimate): {mb(state + kept + workspace)} = "
                  f"params, grads, Adam m and v {mb(state)} + kept for backward {mb(kept)} "
-                 f"+ largest conv workspace {mb(workspace)}"]
+                 f"+ largest conv workspace {mb(workspace)}",
+                 f"Inference memory inside no_grad() (estimate, UNet.inference_bytes): "
+                 f"{mb(self.inference_bytes(records[0][2]))}"]
         result = "\n".join(text)
         if print_fn is not None:
             print_fn(result)

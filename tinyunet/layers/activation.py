@@ -48,16 +48,29 @@ class ReLU(Layer):
         self._positive = None
         self._dtype = None
 
-    def forward(self, x):
+    def forward(self, x, out=None):
+        """y = max(x, 0), keeping the mask x > 0 for backward. ``out``: the array to write y
+        into; ``out=x`` computes it in place (the U-Net does so inside no_grad(), where the
+        conv output it receives has no other reader)."""
         self._check_array(x, ndim=None)
         self._dtype = x.dtype
-        if cpu_layers.serves(x):
-            y, self._positive = np.empty_like(x), np.empty(x.shape, dtype=np.bool_)
-            cpu_layers.relu_forward(x.reshape(-1), y.reshape(-1), self._positive.reshape(-1))
+        keep = self._keeps_for_backward()
+        if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
+            raise ValueError(f"{self._label()}: out must have the input's shape and dtype, got "
+                             f"{tuple(out.shape)} {out.dtype} for {tuple(x.shape)} {x.dtype}")
+        if cpu_layers.serves(x) and (out is None or cpu_layers.serves(out)):
+            y = np.empty_like(x) if out is None else out
+            if keep:
+                self._positive = np.empty(x.shape, dtype=np.bool_)
+                cpu_layers.relu_forward(x.reshape(-1), y.reshape(-1), self._positive.reshape(-1))
+            else:                                # no mask: nothing will read it
+                cpu_layers.relu_forward_values(x.reshape(-1), y.reshape(-1))
             return y
         xp = get_array_module(x)
-        self._positive = x > 0                   # a bool mask: a quarter of x's bytes in float32
-        return xp.maximum(x, 0)
+        if keep:
+            self._positive = x > 0               # a bool mask: a quarter of x's bytes in float32
+        # np.maximum: NaN stays NaN, as the kernel keeps it
+        return xp.maximum(x, 0) if out is None else xp.maximum(x, 0, out=out)
 
     def backward(self, dy):
         self._check_grad(dy, None if self._positive is None else self._positive.shape, self._dtype)
@@ -81,8 +94,10 @@ class Sigmoid(Layer):
 
     def forward(self, x):
         self._check_array(x, ndim=None)
-        self._y = sigmoid(x)
-        return self._y
+        y = sigmoid(x)
+        if self._keeps_for_backward():
+            self._y = y
+        return y
 
     def backward(self, dy):
         y = self._y

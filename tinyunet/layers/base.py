@@ -9,6 +9,11 @@ A layer keeps two dicts with the same keys and shapes::
 dL/dy (the shape of y), fills ``self.grads`` and returns dL/dx (the shape of x). Each call to
 backward overwrites the grads of the previous one: in a U-Net every layer is used once per step.
 
+Inside ``tinyunet.no_grad()`` (tinyunet/grad_mode.py) a forward keeps nothing: each forward
+asks ``self._keeps_for_backward()`` first, which also drops what an earlier forward kept, and
+stores its arrays only when that says True; a backward after such a forward raises an error
+that names no_grad. Test: tests/test_inference_mode.py.
+
 Every public entry checks its input and raises :class:`LayerInputError` (a ValueError) or a
 TypeError naming the layer, what it expected and what it got. Tested in tests/test_errors.py.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from tinyunet.backend import DeviceError, device_of, get_array_module, is_array, to_device
+from tinyunet.grad_mode import is_grad_enabled
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -33,6 +39,7 @@ class Layer:
         self.params: dict = {}
         self.grads: dict = {}
         self.training = True
+        self._forward_kept_nothing = False      # the last forward ran under no_grad()
 
     # -- identity, for error messages -------------------------------------------------------
     def _label(self) -> str:
@@ -90,6 +97,16 @@ class Layer:
         for name in self._saved:
             setattr(self, name, None)
 
+    def _keeps_for_backward(self) -> bool:
+        """Called first by every forward: True when it must keep what backward needs (the
+        default), False inside ``tinyunet.no_grad()``, where it then keeps nothing, and what an
+        earlier forward kept is dropped here too (it would belong to another input)."""
+        keep = is_grad_enabled()
+        self._forward_kept_nothing = not keep
+        if not keep:
+            self.release()
+        return keep
+
     def zero_grad(self):
         for key, value in self.params.items():
             self.grads[key] = get_array_module(value).zeros_like(value)
@@ -123,6 +140,10 @@ class Layer:
     def _check_grad(self, dy, expected_shape, dtype):
         """Check the gradient given to backward() against the forward's output."""
         label = self._label()
+        if self._forward_kept_nothing:
+            raise RuntimeError(f"{label}: backward() after a forward that ran inside tinyunet.no_grad(), "
+                               f"which keeps nothing for a backward; run the forward outside no_grad() "
+                               f"to differentiate it")
         if expected_shape is None:
             raise RuntimeError(f"{label}: backward() called before forward()")
         if not is_array(dy):

@@ -40,6 +40,7 @@ class Concat(Layer):
                 raise TypeError(f"{self._label()}: inputs must share one dtype, got {first.dtype} and {x.dtype}")
             if get_array_module(x) is not get_array_module(first):
                 raise TypeError(f"{self._label()}: inputs must all be on one device (NumPy or CuPy)")
+        self._keeps_for_backward()       # keeps only shapes, never arrays; marks a no_grad() forward
         xp = get_array_module(*xs)
         self._channels = [x.shape[1] for x in xs]
         y = xp.concatenate(xs, axis=1)

@@ -104,13 +104,15 @@ class Conv2d(Layer):
     def forward(self, x):
         """x: (N, C, H, W) -> y: (N, F, OH, OW)."""
         self._check_array(x, channels=self.in_channels)
+        keep = self._keeps_for_backward()     # False inside no_grad(): then keep nothing
         n, _, h, w = x.shape
         pad = resolve_padding(self.padding, self.kernel_size, self.stride, (h, w))
         # Y[n] = W2 @ cols[n] + b, or an equivalent formulation: see conv2d_forward below
         y = conv2d_forward(x, self.params["weight"], self.params.get("bias"), pad, self.stride)
         # Keep x, not cols: recomputing im2col in backward costs a copy, keeping cols for
-        # every layer of a U-Net would cost gigabytes.
-        self._x, self._geometry = x, pad
+        # every layer of a U-Net would cost gigabytes. Inside no_grad(): keep nothing.
+        if keep:
+            self._x, self._geometry = x, pad
         return y
 
     def workspace_bytes(self, x_shape) -> int:
@@ -140,6 +142,38 @@ class Conv2d(Layer):
             dy_shape = self.output_shape(x_shape)
             largest = max(largest, _largest_piece(dy_shape, (kh, kw), flip_pad, (1, 1), itemsize))
         return largest
+
+    def inference_bytes(self, x_shape) -> tuple[int, str, int]:
+        """What a forward inside no_grad() allocates besides its output, for an x of x_shape:
+        (temporary bytes, freed when it returns; the workspace slot it uses, 'cols' or
+        'padded'; that slot's bytes, kept for reuse by the next conv; see _scratch).
+
+            winograd   U, the transformed weights: (t + 2)^2 * F * C * itemsize, and with
+                       several pieces one piece's output; workspace 'cols': V and M
+            shifted    the wide output and one tap's product, 2 * N * F * OH * (W + pads)
+                       * itemsize; workspace 'padded': the padded copy of x
+            im2col, flip   nothing (the products write into y); workspace 'cols': a piece's
+                       columns (workspace_bytes, which also counts flip's backward piece)
+            1x1 pointwise  nothing, no workspace
+        Used by UNet.inference_bytes; tests/test_infer.py holds it to tracemalloc."""
+        n, c, h, w = x_shape
+        f, itemsize = self.out_channels, np.dtype(self.dtype).itemsize
+        pad = resolve_padding(self.padding, self.kernel_size, self.stride, (h, w))
+        method = _resolve_method(self.params["weight"], pad, self.stride, x_shape)
+        if method == "shifted":
+            (pt, pb), (pl, pr) = pad
+            oh = self.output_shape(x_shape)[2]
+            return 2 * n * f * oh * (w + pl + pr) * itemsize, "padded", self.workspace_bytes(x_shape)
+        temporary = 0
+        if method == "winograd":
+            t = _winograd_tile(x_shape, pad)
+            temporary = (t + 2) ** 2 * f * c * itemsize
+            parts = _winograd_pieces(x_shape, f, pad, itemsize, t)
+            if len(parts) > 1:
+                ow = self.output_shape(x_shape)[3]
+                temporary += max((n if p.image == slice(None) else 1) * f * (p.out_rows[1] - p.out_rows[0])
+                                 * ow * itemsize for p in parts)
+        return temporary, "cols", self.workspace_bytes(x_shape)
 
     def kept_bytes(self, x_shape) -> int:
         """What forward keeps for backward: x."""

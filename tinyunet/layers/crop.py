@@ -53,6 +53,7 @@ class CenterCrop2d(Layer):
         self._check_array(x)
         size = tuple(int(s) for s in size)
         self.output_shape(x.shape, size)
+        self._keeps_for_backward()       # keeps only shapes, never arrays; marks a no_grad() forward
         xp = get_array_module(x)
         top, left = self._offsets(x.shape, size)
         self._x_shape, self._size, self._dtype = x.shape, size, x.dtype

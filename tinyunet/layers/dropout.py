@@ -71,6 +71,8 @@ def keep_mask(key: int, shape, p: float, xp=np):
 
 
 class Dropout(Layer):
+    _saved = ("mask",)
+
     def __init__(self, p: float = 0.5, seed: int | None = None, rng: np.random.Generator | None = None,
                  name: str | None = None):
         super().__init__(name)
@@ -85,13 +87,16 @@ class Dropout(Layer):
         """x -> x * mask while training (mask kept for backward); x itself in evaluation."""
         self._check_array(x, ndim=None)
         self._shape, self._dtype = x.shape, x.dtype
+        keep_for_backward = self._keeps_for_backward()
         if not self.training or self.p == 0.0:
             self.mask = None
             return x
         key = int(self.rng.integers(2 ** 64, dtype=np.uint64))   # one draw per forward, any device
         keep = keep_mask(key, x.shape, self.p, get_array_module(x))
-        self.mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - self.p))
-        return x * self.mask
+        mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - self.p))
+        if keep_for_backward:                    # inside no_grad() the mask is drawn, used, dropped
+            self.mask = mask
+        return x * mask
 
     def backward(self, dy):
         """dy -> dy * mask (the forward's mask), or dy itself in evaluation."""

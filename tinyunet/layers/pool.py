@@ -69,6 +69,8 @@ class MaxPool2d(Layer):
                                   f"not fit an input of shape {tuple(x.shape)}")
         xp = get_array_module(x)
         n, c, oh, ow = self.output_shape(x.shape)
+        if not self._keeps_for_backward():            # inside no_grad(): the maxima, no argmax
+            return self._forward_values(x, xp, n, c, oh, ow)
         if cpu_layers.serves(x) and self.kernel_size ** 2 <= 127:
             y = np.empty((n, c, oh, ow), dtype=x.dtype)
             argmax = np.empty((n, c, oh, ow), dtype=np.int8)
@@ -85,6 +87,19 @@ class MaxPool2d(Layer):
             xp.copyto(argmax, np.int8(offset), where=better)  # no mask count read back (a GPU sync)
         self._x_shape, self._argmax, self._dtype = x.shape, argmax, x.dtype
         return (y, self.indices()) if self.return_indices else y
+
+    def _forward_values(self, x, xp, n, c, oh, ow):
+        """y alone, by the same comparisons in the same order as forward (so the same y)."""
+        if cpu_layers.serves(x):
+            y = np.empty((n, c, oh, ow), dtype=x.dtype)
+            cpu_layers.maxpool_forward_values(x.reshape(n * c, *x.shape[2:]), y.reshape(n * c, oh, ow),
+                                              self.kernel_size, self.stride)
+            return y
+        views = self._window_views(x, oh, ow)
+        y = views[0].copy()
+        for candidate in views[1:]:
+            xp.copyto(y, candidate, where=candidate > y)
+        return y
 
     def backward(self, dy):
         """dy: (N, C, OH, OW) -> dx: (N, C, H, W), each dy routed to its window's argmax."""

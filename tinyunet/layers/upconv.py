@@ -59,6 +59,7 @@ import numpy as np
 from tinyunet.backend import get_array_module
 from tinyunet.kernels import cpu_layers
 
+from . import conv
 from .conv import Conv2d
 
 
@@ -85,6 +86,8 @@ class UpConv2d(Conv2d):
     def forward(self, x):
         """x: (N, C, H, W) -> y: (N, F, 2H, 2W)."""
         self._check_array(x, channels=self.in_channels)
+        if not self._keeps_for_backward():    # inside no_grad(): nothing kept, bands of rows
+            return self._forward_in_bands(x)
         xp = get_array_module(x)
         n, c, h, w = x.shape
         f = self.out_channels
@@ -104,6 +107,60 @@ class UpConv2d(Conv2d):
                 y += bias.reshape(1, f, 1, 1, 1, 1)
             y = y.reshape(n, f, 2 * h, 2 * w)
         self._cols, self._x_shape = cols, x.shape
+        return y
+
+    def inference_bytes(self, x_shape) -> tuple[int, str, int]:
+        """What _forward_in_bands allocates besides y (see Conv2d.inference_bytes): temporary,
+        the copy of one band of x (with the row below) and the phase weights E_ab (9 F C);
+        workspace 'cols': the columns (4C) and phases (4F) of one band."""
+        n, c, h, w = x_shape
+        f, itemsize = self.out_channels, np.dtype(self.dtype).itemsize
+        rows = min(self._band_rows(x_shape) + 1, h)
+        return ((n * c * rows * w + 9 * f * c) * itemsize, "cols",
+                4 * (c + f) * n * rows * w * itemsize)
+
+    def _band_rows(self, x_shape) -> int:
+        """Rows of x per band: its columns (4C) and phases (4F) for rows + 1 rows of x (the band and
+        the row below it) within conv.WORKSPACE_BYTES, or one row where even that does not fit."""
+        n, c, h, w = x_shape
+        row_bytes = 4 * (c + self.out_channels) * n * w * np.dtype(self.dtype).itemsize
+        return max(1, min(h, conv.WORKSPACE_BYTES // row_bytes - 1))
+
+    def _forward_in_bands(self, x):
+        """The forward without keeping cols (inside no_grad()): x: (N, C, H, W) -> y: (N, F, 2H, 2W).
+
+        Output rows 2i and 2i + 1 read only x's rows i and i + 1, so y is computed a band of x's
+        rows [r0, r1) at a time: the columns and the phases of rows r0 .. r1 (the row below the
+        band too, for the shift X_1b; the phases of that extra row are not used) go into the
+        reused workspace, and their interleave into y's rows [2 r0, 2 r1). The same products
+        on fewer columns: the column matrix and the phases never exist whole (at 512x512 the
+        last up-conv's would take 192 MB, more than its output). Test:
+        tests/test_inference_mode.py::test_upconv_bands_equal_the_whole_forward."""
+        xp = get_array_module(x)
+        n, c, h, w = x.shape
+        f = self.out_channels
+        y = xp.empty((n, f, 2 * h, 2 * w), dtype=x.dtype)
+        bias = self.params.get("bias")
+        bias = xp.zeros(f, x.dtype) if bias is None else bias
+        weights, runs = _phase_weights(self.params["weight"]), _runs(c)
+        rows = self._band_rows(x.shape)
+        for r0 in range(0, h, rows):
+            r1 = min(r0 + rows, h)
+            stop = min(r1 + 1, h)                                    # with the row below, if any
+            band = xp.ascontiguousarray(x[:, :, r0:stop])            # (N, C, b, W), b = stop - r0
+            b = stop - r0
+            block = conv._scratch(xp, (4 * (c + f) * n * b * w,), x.dtype)
+            cols = _shifted_columns(band, out=block[:4 * c * n * b * w].reshape(4, c, n, b, w))
+            phases = block[4 * c * n * b * w:].reshape(2, 2, f, n * b * w)
+            for (a, bb), weight, run in zip(PHASES, weights, runs):
+                xp.matmul(weight, cols[run], out=phases[a, bb])
+            phases = phases.reshape(2, 2, f, n, b, w)[:, :, :, :, :r1 - r0]   # drop the extra row
+            target = y[:, :, 2 * r0:2 * r1]                          # (N, F, 2 (r1 - r0), 2W), a view
+            if cpu_layers.serves(x):
+                cpu_layers.upconv_interleave(phases, bias, target)
+            else:
+                target.reshape(n, f, r1 - r0, 2, w, 2)[...] = (phases.transpose(3, 2, 4, 0, 5, 1)
+                                                                + bias.reshape(1, f, 1, 1, 1, 1))
         return y
 
     def backward(self, dy):
@@ -167,12 +224,13 @@ def _phase_weights(weight):
             xp.concatenate([w01, w00, w10, w11], axis=1))
 
 
-def _shifted_columns(x):
+def _shifted_columns(x, out=None):
     """x: (N, C, H, W) -> cols: (4C, N*H*W), blocks [X_01; X_00; X_10; X_11] with
-    X_ab[c, (n, i, j)] = x[n, c, i + a, j + b], zero past the last row or column."""
+    X_ab[c, (n, i, j)] = x[n, c, i + a, j + b], zero past the last row or column.
+    ``out``: a C-contiguous (4, C, N, H, W) array to write them into."""
     xp = get_array_module(x)
     n, c, h, w = x.shape
-    cols = xp.empty((4, c, n, h, w), dtype=x.dtype)
+    cols = xp.empty((4, c, n, h, w), dtype=x.dtype) if out is None else out
     if cpu_layers.serves(x):
         cpu_layers.upconv_columns(x, cols)
         return cols.reshape(4 * c, n * h * w)

@@ -42,6 +42,7 @@ class Upsample2d(Layer):
     def forward(self, x):
         """x: (N, C, H, W) -> y: (N, C, s*H, s*W)."""
         self._check_array(x)
+        self._keeps_for_backward()       # keeps only shapes, never arrays; marks a no_grad() forward
         xp = get_array_module(x)
         n, c, h, w = x.shape
         s = self.scale

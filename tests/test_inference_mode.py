@@ -1,0 +1,194 @@
+"""Inference mode (tinyunet/grad_mode.py): inside no_grad() no layer keeps anything, the outputs
+are the training-mode forward's, a backward afterwards says why it cannot run, and training
+outside the block is untouched."""
+import threading
+
+import numpy as np
+import pytest
+
+import tinyunet
+from tinyunet.kernels import forced as forced_kernels
+from tinyunet.kernels import use as use_kernels
+from tinyunet.layers import (CenterCrop2d, Concat, Conv2d, Dropout, MaxPool2d, ReLU, Sigmoid, UpConv2d,
+                             Upsample2d, conv)
+from tinyunet.unet import UNet
+
+
+def arrays_kept(layer):
+    """Names of the layer's attributes that hold an array (params and grads aside), looking
+    inside tuples, lists and dicts too."""
+    def holds_array(value):
+        if isinstance(value, np.ndarray):
+            return True
+        if isinstance(value, (tuple, list)):
+            return any(holds_array(v) for v in value)
+        if isinstance(value, dict):
+            return any(holds_array(v) for v in value.values())
+        return False
+    return [name for name, value in vars(layer).items() if name not in ("params", "grads") and holds_array(value)]
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_an_inference_pass_keeps_no_array_on_any_layer(padding):
+    model = UNet(base_width=4, depth=2, padding=padding, seed=1)
+    size = 16 if padding == "same" else 44
+    x = np.random.default_rng(0).random((2, 1, size, size), dtype=np.float32)
+    model.forward(x)                                   # a training forward: the layers keep arrays
+    assert arrays_kept(model.layers["down1.conv1"]) and arrays_kept(model.layers["down1.pool"])
+    with tinyunet.no_grad():
+        model.forward(x)                               # training mode, dropout on: still nothing kept
+    assert {name: arrays_kept(layer) for name, layer in model.layers.items() if arrays_kept(layer)} == {}
+
+
+def test_inference_output_equals_the_training_forward_without_dropout():
+    model = UNet(base_width=8, depth=3, seed=2, dtype="float64").eval()     # eval: dropout off
+    x = np.random.default_rng(1).random((2, 1, 32, 32))
+    trained = model.forward(x)
+    with tinyunet.no_grad():
+        inferred = model.forward(x)
+    np.testing.assert_array_equal(inferred, trained)
+    # a model without dropout in training mode, and float32 with the up-convs in several bands
+    model = UNet(base_width=8, depth=2, dropout=0.0, seed=3)
+    x = np.random.default_rng(2).random((1, 1, 64, 64), dtype=np.float32)
+    trained = model.forward(x)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(conv, "WORKSPACE_BYTES", 4096)
+        with tinyunet.no_grad():
+            inferred = model.forward(x)
+    np.testing.assert_allclose(inferred, trained, rtol=1e-4, atol=1e-5 * np.abs(trained).max())   # float32 rounding
+
+
+def test_a_backward_after_an_inference_pass_says_why_it_cannot_run():
+    model = UNet(base_width=4, depth=2, seed=0)
+    x = np.random.default_rng(0).random((1, 1, 16, 16), dtype=np.float32)
+    with tinyunet.no_grad():
+        y = model.forward(x)
+    with pytest.raises(RuntimeError, match=r"Conv2d 'head.out': backward\(\) after a forward that ran inside "
+                                           r"tinyunet.no_grad\(\), which keeps nothing for a backward"):
+        model.backward(np.ones_like(y))
+    # a forward outside the block makes it differentiable again
+    y = model.forward(x)
+    assert model.backward(np.ones_like(y)).shape == x.shape
+
+
+@pytest.mark.parametrize("make, x, dy", [
+    (lambda: Conv2d(2, 3, 3, seed=0), (1, 2, 6, 6), (1, 3, 6, 6)),
+    (lambda: UpConv2d(2, 3, seed=0), (1, 2, 3, 3), (1, 3, 6, 6)),
+    (lambda: MaxPool2d(2), (1, 2, 6, 6), (1, 2, 3, 3)),
+    (lambda: ReLU(), (1, 2, 6, 6), (1, 2, 6, 6)),
+    (lambda: Sigmoid(), (1, 2, 6, 6), (1, 2, 6, 6)),
+    (lambda: Dropout(0.5, seed=0), (1, 2, 6, 6), (1, 2, 6, 6)),
+    (lambda: Upsample2d(2), (1, 2, 3, 3), (1, 2, 6, 6)),
+])
+def test_every_layer_keeps_nothing_and_refuses_a_backward_inside_no_grad(make, x, dy):
+    layer = make()
+    if isinstance(layer, Conv2d):                      # UpConv2d too: float64 weights for a float64 x
+        layer.astype(np.float64)
+    x = np.random.default_rng(0).standard_normal(x)
+    y = layer.forward(x)
+    with tinyunet.no_grad():
+        y_inferred = layer.forward(x)
+    if not isinstance(layer, Dropout):                 # a training Dropout draws a fresh mask
+        np.testing.assert_array_equal(y_inferred, y)
+    assert arrays_kept(layer) == []
+    with pytest.raises(RuntimeError, match="no_grad"):
+        layer.backward(np.ones(dy))
+
+
+def test_concat_and_crop_refuse_a_backward_after_no_grad():
+    with tinyunet.no_grad():
+        Concat().forward((np.ones((1, 1, 2, 2)), np.ones((1, 2, 2, 2))))
+        crop = CenterCrop2d()
+        crop.forward(np.ones((1, 1, 6, 6)), (2, 2))
+    with pytest.raises(RuntimeError, match="no_grad"):
+        crop.backward(np.ones((1, 1, 2, 2)))
+
+
+@pytest.mark.parametrize("kernels", [None, "reference"])       # None: the Numba kernels where they serve
+def test_pool_without_argmax_and_relu_in_place_equal_the_training_forward(kernels):
+    """The values-only paths (Numba kernels and NumPy), ties and NaN included."""
+    rng = np.random.default_rng(4)
+    x = rng.integers(-3, 4, (2, 8, 128, 96)).astype(np.float32)     # many ties; >= 2**17 elements
+    x[0, 0, 0, 0] = np.nan
+    previous = forced_kernels()
+    use_kernels(kernels)
+    try:
+        pool, relu = MaxPool2d(2), ReLU()
+        y_pool, y_relu = pool.forward(x), relu.forward(x)
+        with tinyunet.no_grad():
+            np.testing.assert_array_equal(pool.forward(x), y_pool)
+            inplace = x.copy()
+            assert relu.forward(inplace, out=inplace) is inplace
+        np.testing.assert_array_equal(inplace, y_relu)
+    finally:
+        use_kernels(previous)
+
+
+@pytest.mark.parametrize("kernels", [None, "reference"])       # None: the Numba kernels where they serve
+def test_upconv_bands_equal_the_whole_forward(kernels):
+    """UpConv2d inside no_grad() runs in bands of rows (one row each here, and one band): the
+    same output as the training forward's whole column matrix, to rounding."""
+    layer = UpConv2d(8, 5, seed=0, dtype=np.float64)
+    x = np.random.default_rng(5).standard_normal((2, 8, 64, 48))
+    previous = forced_kernels()
+    use_kernels(kernels)
+    try:
+        whole = layer.forward(x)
+        for workspace in (1, 10 ** 5, 64 * 2 ** 20):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(conv, "WORKSPACE_BYTES", workspace)
+                with tinyunet.no_grad():
+                    banded = layer.forward(x)
+            np.testing.assert_allclose(banded, whole, rtol=1e-12, atol=1e-12)
+    finally:
+        use_kernels(previous)
+
+
+def test_training_after_an_inference_pass_is_bit_identical():
+    x = np.random.default_rng(6).random((2, 1, 16, 16), dtype=np.float32)
+
+    def step(model):
+        y = model.forward(x)
+        dx = model.backward(np.ones_like(y))
+        return y, dx, model.gradients()
+
+    reference = step(UNet(base_width=4, depth=2, seed=5))
+    model = UNet(base_width=4, depth=2, seed=5)
+    with tinyunet.no_grad():
+        model.eval().forward(x)
+    y, dx, grads = step(model.train())
+    # eval() and no_grad() drew no dropout mask: the generators are where they were
+    np.testing.assert_array_equal(y, reference[0])
+    np.testing.assert_array_equal(dx, reference[1])
+    for name, value in reference[2].items():
+        np.testing.assert_array_equal(grads[name], value)
+
+
+def test_no_grad_nests_restores_on_error_and_is_per_thread():
+    assert tinyunet.is_grad_enabled()
+    with pytest.raises(KeyError):
+        with tinyunet.no_grad():
+            with tinyunet.enable_grad():
+                assert tinyunet.is_grad_enabled()
+            assert not tinyunet.is_grad_enabled()
+            raise KeyError
+    assert tinyunet.is_grad_enabled()
+    seen = []
+    with tinyunet.no_grad():
+        thread = threading.Thread(target=lambda: seen.append(tinyunet.is_grad_enabled()))
+        thread.start()
+        thread.join()
+    assert seen == [True]
+
+    @tinyunet.no_grad()
+    def predict():
+        return tinyunet.is_grad_enabled()
+    assert predict() is False and tinyunet.is_grad_enabled()
+
+
+def test_predict_proba_runs_inside_no_grad():
+    model = UNet(base_width=4, depth=2, seed=0).eval()
+    x = np.random.default_rng(0).random((1, 1, 16, 16), dtype=np.float32)
+    probability = model.predict_proba(x)
+    assert probability.shape == (1, 1, 16, 16)
+    assert all(arrays_kept(layer) == [] for layer in model.layers.values())
