@@ -149,10 +149,10 @@ MUTANTS = [
     # -- max pooling -----------------------------------------------------------------------------
     Mutant("maxpool-tie-last-both-paths", "a tie sends the gradient to the LAST maximum, NumPy and Numba alike",
            [(POOL, "better = candidate > y ", "better = candidate >= y "),
-            (CL, "if value > best:", "if value >= best:")],
+            (CL, "if value > best:          # strict", "if value >= best:          # strict")],
            [f"{L}::test_maxpool_ties_send_the_gradient_to_the_first_maximum_on_both_paths"]),
     Mutant("maxpool-numba-tie-last", "the Numba max-pool sends a tie to the last maximum",
-           [(CL, "if value > best:", "if value >= best:")],
+           [(CL, "if value > best:          # strict", "if value >= best:          # strict")],
            [f"{KC}::test_maxpool_numba_equals_numpy"]),
     Mutant("maxpool-overlap-assign", "overlapping windows assign their gradient (NumPy path)",
            [(POOL, "target += xp.where(self._argmax == offset, dy, 0)", "target[...] = xp.where(self._argmax == offset, dy, 0)")],
