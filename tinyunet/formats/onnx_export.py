@@ -22,12 +22,16 @@ layer's nodes and returns its output's name).
     MaxPool2d            MaxPool
     CeilMaxPool2d        MaxPool with ceil_mode=1 (Caffe's rounding up; every window starts inside
                          the input, so no window is all padding)
-      return_indices     MaxPool's second output, Indices (see MaxUnpool2d)
-    MaxUnpool2d          MaxUnpool, its output_shape the Shape of the pooled tensor at run time.
+      return_indices     MaxPool's second output, Indices (see MaxUnpool2d); a ceil pool then
+                         pools an explicitly padded tensor instead (Shape, Sub, Mod, Max, Concat,
+                         Pad with -inf to (OH - 1) * s + k, as CeilMaxPool2d itself does), because
+                         onnxruntime's MaxUnpool refuses an output_shape below (OH - 1) * s + k
+    MaxUnpool2d          MaxUnpool to the Shape of the tensor the pool read (at run time), then,
+                         after a padded ceil pool, Slice back to the unpadded size.
                          The indices never leave the graph: ONNX numbers them over the WHOLE
                          tensor ((n * C + c) * H + h) * W + w, tinyunet (and PyTorch) within each
                          (n, c) plane, h * W + w. Both ONNX ops use ONNX's numbering, so the pair
-                         needs no conversion; batch 2 with several channels in the tests proves it
+                         needs no conversion; batch 2 with 3 classes in the tests proves it
     ConvTranspose2d      ConvTranspose, weight (C, F, kh, kw) as is (ONNX's layout too); the
                          cropping is ONNX's pads [top, left, bottom, right], output_padding the same
     BatchNorm2d          BatchNormalization with the RUNNING statistics (evaluation mode)
