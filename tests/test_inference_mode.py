@@ -25,7 +25,8 @@ def arrays_kept(layer):
         if isinstance(value, dict):
             return any(holds_array(v) for v in value.values())
         return False
-    return [name for name, value in vars(layer).items() if name not in ("params", "grads", "buffers") and holds_array(value)]
+    return [name for name, value in vars(layer).items()
+            if name not in ("params", "grads", "buffers") and holds_array(value)]
 
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
