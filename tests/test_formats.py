@@ -72,6 +72,70 @@ def test_onnx_matches_tinyunet(tmp_path, config, shapes):
         assert relative_error(probability, model.predict_proba(x)) < TOLERANCE, shape
 
 
+def random_fcn_or_segnet(network: str, seed=0):
+    """FCN-32s/16s/8s or SegNet at width 2, with random biases and batch-norm statistics."""
+    from tinyunet.fcn import FCN
+    from tinyunet.segnet import SegNet
+    if network == "segnet":
+        model = SegNet(classes=3, base_width=2, seed=seed)
+    else:                                               # score layers drawn: zeros would hide them
+        model = FCN(variant=network[3:], classes=3, base_width=2, fc_width=8, score_init="he_normal", seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    for name, value in {**model.parameters(), **model.buffers()}.items():
+        if name.endswith(".running_var"):
+            value[...] = rng.uniform(0.5, 2.0, value.shape)
+        elif name.endswith((".bias", ".running_mean")) or (name.endswith(".weight") and value.ndim == 1):
+            value[...] = 0.1 * rng.standard_normal(value.shape) + (1.0 if value.ndim == 1
+                                                                    and name.endswith(".weight") else 0.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("network", ["fcn32s", "fcn16s", "fcn8s", "segnet"])
+def test_onnx_matches_fcn_and_segnet(tmp_path, network):
+    """The same proof for FCN (ConvTranspose, Crop2d's Slice, Add, ceil MaxPool) and SegNet
+    (BatchNormalization, MaxPool's Indices into MaxUnpool): two sizes (odd ones, where the ceil
+    pools overhang), two batch sizes, one file; Softmax over the K = 3 classes."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from tinyunet.formats.onnx_export import export_onnx
+    model = random_fcn_or_segnet(network)
+    path = export_onnx(model, tmp_path / f"{network}.onnx")
+    onnx.checker.check_model(str(path), full_check=True)
+    assert {n.op_type for n in onnx.load(str(path)).graph.node} >= (
+        {"BatchNormalization", "MaxUnpool", "Softmax"} if network == "segnet" else {"ConvTranspose", "Add", "Softmax"}
+        if network != "fcn32s" else {"ConvTranspose", "Slice", "Softmax"})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    for shape in [(1, 3, 20, 24), (2, 3, 33, 17)]:
+        x = rng.random(shape, dtype=np.float32)
+        logits, probability = session.run(None, {"image": x})
+        expected = model.forward(x)
+        assert logits.shape == expected.shape == (shape[0], 3) + shape[2:]
+        assert relative_error(logits, expected) < TOLERANCE, shape
+        assert relative_error(probability, model.predict_proba(x)) < TOLERANCE, shape
+
+
+def test_onnx_conv_transpose_cropping_and_output_padding(tmp_path):
+    """A transposed conv with asymmetric cropping, output padding and a bias (FCN's have none):
+    ONNX's pads and output_padding say the same as tinyunet's."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from types import SimpleNamespace
+
+    from tinyunet.formats.onnx_export import export_onnx
+    from tinyunet.layers import ConvTranspose2d
+    layer = ConvTranspose2d(2, 3, (4, 3), stride=(2, 3), cropping=((1, 2), (0, 1)), output_padding=(1, 2),
+                            weight_init="he_normal", seed=0)
+    layer.params["bias"][...] = [0.5, -0.25, 1.0]
+    model = SimpleNamespace(config=SimpleNamespace(in_channels=2, classes=3), layers={"up": layer},
+                            _graph=lambda x, run: run("up", x))
+    session = ort.InferenceSession(str(export_onnx(model, tmp_path / "up.onnx")), providers=["CPUExecutionProvider"])
+    for shape in [(1, 2, 5, 4), (2, 2, 3, 6)]:
+        x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+        logits = session.run(["logits"], {"image": x})[0]
+        assert relative_error(logits, layer.forward(x)) < TOLERANCE, shape
+
+
 @pytest.mark.slow
 def test_onnx_exact_model(tmp_path):
     """The exact model (31,031,685 parameters) once, at 32x32."""

@@ -15,8 +15,8 @@ from tinyunet.unet import UNet
 
 
 def arrays_kept(layer):
-    """Names of the layer's attributes that hold an array (params and grads aside), looking
-    inside tuples, lists and dicts too."""
+    """Names of the layer's attributes that hold an array (params, grads and batch norm's running
+    statistics aside: state, not kept for a backward), looking inside tuples, lists and dicts too."""
     def holds_array(value):
         if isinstance(value, np.ndarray):
             return True
@@ -25,7 +25,8 @@ def arrays_kept(layer):
         if isinstance(value, dict):
             return any(holds_array(v) for v in value.values())
         return False
-    return [name for name, value in vars(layer).items() if name not in ("params", "grads") and holds_array(value)]
+    return [name for name, value in vars(layer).items()
+            if name not in ("params", "grads", "buffers") and holds_array(value)]
 
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
@@ -192,3 +193,73 @@ def test_predict_proba_runs_inside_no_grad():
     probability = model.predict_proba(x)
     assert probability.shape == (1, 1, 16, 16)
     assert all(arrays_kept(layer) == [] for layer in model.layers.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# FCN's and SegNet's layers (issue 15's ConvTranspose2d, BatchNorm2d, pools with indices,
+# MaxUnpool2d, Crop2d, Add), and the two networks
+# ---------------------------------------------------------------------------------------------
+def _indices_of(x):
+    return MaxPool2d(2, return_indices=True).forward(x)[1]
+
+
+@pytest.mark.parametrize("kind", ["convtranspose", "bn_train", "bn_eval", "pool_indices", "ceil_pool_indices",
+                                  "unpool", "crop", "add"])
+def test_the_fcn_and_segnet_layers_keep_nothing_inside_no_grad(kind):
+    from tinyunet.layers import Add, BatchNorm2d, CeilMaxPool2d, ConvTranspose2d, Crop2d, MaxUnpool2d
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 3, 7, 7))
+    small = rng.standard_normal((2, 3, 3, 3))
+    layer, args = {
+        "convtranspose": lambda: (ConvTranspose2d(3, 3, 4, stride=2, cropping=1, output_padding=1,
+                                                  weight_init="he_normal", seed=0, dtype=np.float64), (x,)),
+        "bn_train": lambda: (BatchNorm2d(3, dtype=np.float64), (x,)),
+        "bn_eval": lambda: (BatchNorm2d(3, dtype=np.float64).eval(), (x,)),
+        "pool_indices": lambda: (MaxPool2d(2, return_indices=True), (x,)),
+        "ceil_pool_indices": lambda: (CeilMaxPool2d(2, return_indices=True), (x,)),
+        "unpool": lambda: (MaxUnpool2d(2), (small, _indices_of(x[:, :, :6, :6]), (6, 6))),
+        "crop": lambda: (Crop2d((1, 2)), (x, small)),
+        "add": lambda: (Add(), ((x, x * 2),)),
+    }[kind]()
+    if isinstance(layer, BatchNorm2d):
+        layer.buffers["running_mean"][...] = [0.1, -0.2, 0.3]
+        layer.buffers["running_var"][...] = [0.5, 2.0, 1.5]
+        layer.params["weight"][...] = [1.5, 0.5, -1.0]
+    state = {k: v.copy() for k, v in getattr(layer, "buffers", {}).items()}
+    y = layer.forward(*args)                               # outside: keeps what backward needs
+    kept_outside = arrays_kept(layer)
+    if isinstance(layer, BatchNorm2d):                     # the same running statistics for both calls
+        layer.buffers = {k: v.copy() for k, v in state.items()}
+    with tinyunet.no_grad():
+        y_inferred = layer.forward(*args)
+    for a, b in zip(y if isinstance(y, tuple) else (y,), y_inferred if isinstance(y, tuple) else (y_inferred,)):
+        np.testing.assert_array_equal(b, a)               # bit-identical, indices included
+    if kind not in ("crop", "add"):                        # those keep shapes only, never arrays
+        assert kept_outside
+    assert arrays_kept(layer) == []
+    dy = y[0] if isinstance(y, tuple) else y
+    with pytest.raises(RuntimeError, match="no_grad"):
+        layer.backward(np.ones_like(dy))
+    layer.forward(*args)                                   # outside again: differentiable
+    assert layer.backward(np.ones_like(dy)) is not None
+
+
+@pytest.mark.parametrize("network", ["fcn8s", "fcn16s", "fcn32s", "segnet"])
+def test_fcn_and_segnet_keep_no_array_after_a_no_grad_forward(network):
+    from tinyunet.fcn import FCN
+    from tinyunet.segnet import SegNet
+    if network == "segnet":
+        model = SegNet(classes=3, base_width=2, seed=1)
+    else:
+        model = FCN(variant=network[3:], classes=3, base_width=2, fc_width=8, score_init="he_normal", seed=1)
+    x = np.random.default_rng(3).random((2, 3, 20, 24), dtype=np.float32)
+    model.forward(x)                                        # training forward: batch norm moves
+    model.eval()
+    expected = model.forward(x)                             # the normal evaluation forward
+    assert any(arrays_kept(layer) for layer in model.layers.values())
+    with tinyunet.no_grad():
+        inferred = model.forward(x)
+    np.testing.assert_array_equal(inferred, expected)
+    assert {name: arrays_kept(layer) for name, layer in model.layers.items() if arrays_kept(layer)} == {}
+    with pytest.raises(RuntimeError, match="no_grad"):
+        model.backward(np.ones_like(expected))

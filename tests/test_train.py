@@ -287,7 +287,8 @@ def test_nan_data_is_blamed_not_the_learning_rate(tmp_path):
 def test_the_step_memory_estimate_is_the_summarys():
     from tinyunet.train import step_memory_bytes
     model = UNet(base_width=8, depth=3)
-    line = model.summary((1, 1, 64, 64), print_fn=None).splitlines()[-1]
+    line = next(line for line in model.summary((1, 1, 64, 64), print_fn=None).splitlines()
+                if line.startswith("Training-step memory"))
     assert f"{step_memory_bytes(model, 1, 64) / 2 ** 20:,.1f} MiB =" in line
     assert step_memory_bytes(model, 3, 64) > step_memory_bytes(model, 2, 64) > step_memory_bytes(model, 1, 64)
 

@@ -88,6 +88,10 @@ def compare(model: UNet, x: np.ndarray, seed: int):
             p[...] = rng.normal(0, 0.05, p.shape)
 
     logits = model.forward(x)
+    masks = {}                 # the dropout masks, read before the backward releases them
+    if f"down{cfg.depth}.dropout" in model.layers:
+        masks["down"] = torch.from_numpy(model.layers[f"down{cfg.depth}.dropout"].mask.copy())
+        masks["bottom"] = torch.from_numpy(model.layers["bottom.dropout"].mask.copy())
     target = (rng.random(logits.shape) > 0.5).astype(np.float64)
     loss, dlogits = bce_with_logits(logits, target)
     dx = model.backward(dlogits)
@@ -98,10 +102,6 @@ def compare(model: UNet, x: np.ndarray, seed: int):
         for name, p in net.conv.named_parameters():      # 'down1_conv1.weight' <- 'down1.conv1.weight'
             p.copy_(torch.from_numpy(ours[name.replace("_", ".")]))
     assert len(list(net.parameters())) == len(ours)
-    masks = {}
-    if f"down{cfg.depth}.dropout" in model.layers:
-        masks["down"] = torch.from_numpy(model.layers[f"down{cfg.depth}.dropout"].mask)
-        masks["bottom"] = torch.from_numpy(model.layers["bottom.dropout"].mask)
     tx = torch.from_numpy(x.copy()).requires_grad_(True)
     t_logits = net(tx, masks)
     t_loss = F.binary_cross_entropy_with_logits(t_logits, torch.from_numpy(target))

@@ -12,8 +12,12 @@ expression of the layer's inputs (keras_hdf5.py checks a Keras file's graph agai
 network plugs in by writing its own ``_graph(x, run)`` (and, for the layers it adds, a visitor
 case in each exporter): nothing here names the U-Net's layers.
 
-The inputs a layer receives are always a tuple of symbols: ``Concat`` gets its parts, and
-``CenterCrop2d`` gets (the tensor to crop, the tensor whose size it takes).
+The inputs a layer receives are always a tuple of symbols: ``Concat`` and ``Add`` get their
+parts, ``CenterCrop2d`` and ``Crop2d`` get (the tensor to crop, the tensor whose size it takes),
+and SegNet's ``MaxUnpool2d`` gets (the tensor, the pool's indices, the tensor whose size it
+restores: the wiring's ``tuple(h.shape[2:])`` stands for h). A layer with several outputs (a
+pool with ``return_indices``) has its visitor return ``Outputs(y, indices)``; the wiring then
+unpacks a tuple of symbols, as it unpacks the arrays of a forward.
 """
 from __future__ import annotations
 
@@ -34,12 +38,29 @@ class Symbol:
         return f"Symbol({self.value!r})"
 
 
+class Outputs(tuple):
+    """What a visitor returns for a layer with several outputs: one value per output."""
+
+
 class _ShapeOf:
     def __init__(self, symbol: Symbol):
         self.symbol = symbol
 
     def __getitem__(self, index):
         return self
+
+    def __iter__(self):             # tuple(h.shape[2:]): one item that stands for h's size
+        return iter((self,))
+
+
+def _flatten(args):
+    for arg in args:
+        if isinstance(arg, (tuple, list)):              # Concat's and Add's parts, a size tuple
+            yield from _flatten(arg)
+        elif isinstance(arg, _ShapeOf):                 # a crop's or unpool's target size
+            yield arg.symbol
+        else:
+            yield arg
 
 
 def walk(model, visit, input_value="input"):
@@ -50,14 +71,7 @@ def walk(model, visit, input_value="input"):
                         f"network writes its forward as _graph so that exporters can follow it")
 
     def run(name, *args):
-        inputs = []
-        for arg in args:
-            if isinstance(arg, (tuple, list)):          # Concat's parts
-                inputs.extend(arg)
-            elif isinstance(arg, _ShapeOf):             # CenterCrop2d's target size
-                inputs.append(arg.symbol)
-            else:
-                inputs.append(arg)
-        return Symbol(visit(name, model.layers[name], tuple(s.value for s in inputs)))
+        value = visit(name, model.layers[name], tuple(s.value for s in _flatten(args)))
+        return tuple(Symbol(v) for v in value) if isinstance(value, Outputs) else Symbol(value)
 
     return model._graph(Symbol(input_value), run).value

@@ -112,8 +112,9 @@ class BatchNorm2d(Layer):
         else:
             inv_std = 1.0 / xp.sqrt(self.buffers["running_var"] + x.dtype.type(self.eps))
             xhat = (x - self.buffers["running_mean"].reshape(shape)) * inv_std.reshape(shape)
-        self._xhat, self._inv_std, self._shape, self._dtype = xhat, inv_std, x.shape, x.dtype
-        self._batch_stats = self.training
+        if self._keeps_for_backward():      # inside no_grad(): keep nothing (the running statistics
+            self._xhat, self._inv_std, self._shape, self._dtype = xhat, inv_std, x.shape, x.dtype
+            self._batch_stats = self.training   # still move in training mode, as in PyTorch)
         return self.params["weight"].reshape(shape) * xhat + self.params["bias"].reshape(shape)
 
     def backward(self, dy):

@@ -156,7 +156,8 @@ class ConvTranspose2d(Layer):
                            self.stride)                               # patches added at stride s
         if "bias" in self.params:
             y += self.params["bias"][None, :, None, None]
-        self._x = x
+        if self._keeps_for_backward():                                # inside no_grad(): keep nothing
+            self._x = x
         return y
 
     def backward(self, dy):

@@ -46,6 +46,7 @@ class Crop2d(Layer):
         self._check_array(x)
         out = self.output_shape(x.shape, like)
         (oy, ox), (h, w) = self.offset, out[2:]
+        self._keeps_for_backward()       # keeps only shapes, never arrays; marks a no_grad() forward
         self._x_shape, self._size, self._dtype = x.shape, (h, w), x.dtype
         return get_array_module(x).ascontiguousarray(x[:, :, oy:oy + h, ox:ox + w])
 
@@ -74,6 +75,7 @@ class Add(Layer):
         if a.shape != b.shape:
             raise LayerInputError(f"{self._label()}: the two inputs must have one shape to be added, got "
                                   f"{tuple(a.shape)} and {tuple(b.shape)}")
+        self._keeps_for_backward()       # keeps only shapes, never arrays; marks a no_grad() forward
         self._shape, self._dtype = a.shape, a.dtype
         return a + b
 

@@ -69,24 +69,26 @@ class MaxPool2d(Layer):
                                   f"not fit an input of shape {tuple(x.shape)}")
         xp = get_array_module(x)
         n, c, oh, ow = self.output_shape(x.shape)
-        if not self._keeps_for_backward():            # inside no_grad(): the maxima, no argmax
+        keep = self._keeps_for_backward()             # False inside no_grad(): keep nothing
+        if not keep and not self.return_indices:      # the maxima alone, no argmax
             return self._forward_values(x, xp, n, c, oh, ow)
         if cpu_layers.serves(x) and self.kernel_size ** 2 <= 127:
             y = np.empty((n, c, oh, ow), dtype=x.dtype)
             argmax = np.empty((n, c, oh, ow), dtype=np.int8)
             cpu_layers.maxpool_forward(x.reshape(n * c, *x.shape[2:]), y.reshape(n * c, oh, ow),
                                     argmax.reshape(n * c, oh, ow), self.kernel_size, self.stride)
+        else:
+            views = self._window_views(x, oh, ow)
+            y = views[0].copy()
+            argmax = xp.zeros(y.shape, dtype=xp.int8)     # window offset index i*k + j
+            for offset, candidate in enumerate(views[1:], start=1):
+                better = candidate > y                    # strict: a tie keeps the earlier (first) max
+                xp.copyto(y, candidate, where=better)
+                xp.copyto(argmax, np.int8(offset), where=better)  # no mask count read back (a GPU sync)
+        if keep:
             self._x_shape, self._argmax, self._dtype = x.shape, argmax, x.dtype
-            return (y, self.indices()) if self.return_indices else y
-        views = self._window_views(x, oh, ow)
-        y = views[0].copy()
-        argmax = xp.zeros(y.shape, dtype=xp.int8)     # window offset index i*k + j
-        for offset, candidate in enumerate(views[1:], start=1):
-            better = candidate > y                    # strict: a tie keeps the earlier (first) max
-            xp.copyto(y, candidate, where=better)
-            xp.copyto(argmax, np.int8(offset), where=better)  # no mask count read back (a GPU sync)
-        self._x_shape, self._argmax, self._dtype = x.shape, argmax, x.dtype
-        return (y, self.indices()) if self.return_indices else y
+        # inside no_grad() the indices are still returned (the unpool needs them), the argmax not kept
+        return (y, self._indices_from(argmax, x.shape)) if self.return_indices else y
 
     def _forward_values(self, x, xp, n, c, oh, ow):
         """y alone, by the same comparisons in the same order as forward (so the same y)."""
@@ -124,12 +126,17 @@ class MaxPool2d(Layer):
         ``MaxPool2d(2, return_indices=True).forward(x)`` returns (y, indices()).
         Test: tests/test_unpool.py (against torch.nn.functional.max_pool2d's indices)."""
         if self._argmax is None:
-            raise RuntimeError(f"{self._label()}: indices() called before forward()")
-        xp = get_array_module(self._argmax)
+            raise RuntimeError(f"{self._label()}: indices() called before forward() (or after a "
+                               f"forward inside tinyunet.no_grad(), which keeps no argmax)")
+        return self._indices_from(self._argmax, self._x_shape)
+
+    def _indices_from(self, argmax, x_shape):
+        """The window offsets ``argmax`` of an input of ``x_shape`` as flat plane positions."""
+        xp = get_array_module(argmax)
         k, s = self.kernel_size, self.stride
-        width = self._x_shape[3]
-        oh, ow = self._argmax.shape[2:]
-        offset = self._argmax.astype(xp.int64)
+        width = x_shape[3]
+        oh, ow = argmax.shape[2:]
+        offset = argmax.astype(xp.int64)
         row = xp.arange(oh, dtype=xp.int64)[:, None] * s + offset // k
         col = xp.arange(ow, dtype=xp.int64)[None, :] * s + offset % k
         return row * width + col
@@ -176,8 +183,8 @@ class CeilMaxPool2d(MaxPool2d):
         h, w = self._unpadded_shape[2:]
         return dx if dx.shape[2:] == (h, w) else get_array_module(dx).ascontiguousarray(dx[:, :, :h, :w])
 
-    def indices(self):
+    def _indices_from(self, argmax, x_shape):
         """Flat argmax positions in the UNPADDED H x W plane (see MaxPool2d.indices)."""
-        padded_width, width = self._x_shape[3], self._unpadded_shape[3]
-        idx = super().indices()
+        padded_width, width = x_shape[3], self._unpadded_shape[3]
+        idx = super()._indices_from(argmax, x_shape)
         return (idx // padded_width) * width + idx % padded_width

@@ -89,7 +89,8 @@ class MaxUnpool2d(Layer):
         rows = xp.arange(n * c)[:, None]                                 # (plane, position) pairs:
         y = xp.zeros((n * c, plane), dtype=x.dtype)                       # plain fancy indexing, the
         y[rows, flat_idx] = x.reshape(n * c, -1)                         # same on NumPy and CuPy
-        self._indices, self._x_shape, self._size, self._dtype = flat_idx, x.shape, out[2:], x.dtype
+        if self._keeps_for_backward():                                   # inside no_grad(): keep nothing
+            self._indices, self._x_shape, self._size, self._dtype = flat_idx, x.shape, out[2:], x.dtype
         return y.reshape(out)
 
     def backward(self, dy):
