@@ -1,9 +1,12 @@
-"""Train the U-Net to segment cell membranes, evaluate it, and keep what a person wants to see.
+"""Train the U-Net (or FCN, SegNet) to segment cell membranes (or K classes), evaluate it, and
+keep what a person wants to see.
 
     python examples/train_membranes.py                          # synthetic EM slices, no download
     python examples/train_membranes.py --data ../shared/data/isbi2012/train --val 20-23 --minutes 10
     python examples/train_membranes.py --data isbi2012           # download + verify the ISBI 2012 slices
     python examples/train_membranes.py --out runs/membranes --resume
+    python examples/train_membranes.py --classes 3 --out runs/cells    # cytoplasm, membrane, mitochondria
+    python examples/train_membranes.py --model segnet --classes 3 --base-width 16 --out runs/segnet
     mpiexec -n 2 python examples/train_membranes.py --batch 1     # 2 processes, data-parallel (".[mpi]")
 
 Everything lands in the run folder (--out): checkpoint.npz, metrics.json, curves.png,
@@ -64,6 +67,14 @@ def build_parser(d):
     add("--depth", type=int, default=d.depth)
     add("--no-head-relu", action="store_true", help="remove the ReLU before the sigmoid (the exact Keras "
         "head keeps it; removing it avoids a dead head)")
+    add("--model", default=d.model, choices=["unet", "fcn32s", "fcn16s", "fcn8s", "segnet"],
+        help="the network: the Keras U-Net, FCN-32s/16s/8s on VGG16, or SegNet (tinyunet/models.py)")
+    add("--classes", type=int, default=d.classes, help="1: membrane or not (sigmoid); K >= 2: K classes "
+        "(softmax); the synthetic data has 3 (cytoplasm, membrane, mitochondrion), membrane maps give 2")
+    add("--class-weights", default=d.class_weights, choices=["none", "median-frequency"],
+        help="weight the softmax loss per class: median-frequency balancing as SegNet does")
+    add("--clock", default=d.clock, choices=["wall", "cpu"],
+        help="what --minutes counts: wall time, or this process's CPU time (fair on a shared machine)")
     add("--synthetic-count", type=int, default=d.synthetic_count, help="synthetic slices to generate")
     add("--resume", action="store_true", help="continue the run in --out with its own options (from its "
         "checkpoint); options that change what it computes are refused")
@@ -110,7 +121,8 @@ def main(argv=None) -> int:
                 border_weights=args.border_weights,
                 eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, threshold=args.threshold,
                 tta=args.tta, seed=args.seed, device=args.device, base_width=args.base_width, depth=args.depth,
-                head_relu=not args.no_head_relu, synthetic_count=args.synthetic_count, resume=False,
+                head_relu=not args.no_head_relu, model=args.model, classes=args.classes,
+                class_weights=args.class_weights, clock=args.clock, synthetic_count=args.synthetic_count, resume=False,
                 overwrite=args.overwrite, progress=not args.no_progress)
         train(options, comm=comm)
     except distributed.DistributedError as error:         # MPI: raised on every rank together (bad input too)

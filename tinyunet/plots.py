@@ -31,8 +31,13 @@ def save_curves(history: list[dict], path) -> None:
     left.plot(steps, losses, marker="o")
     left.set(xlabel="step", ylabel="training loss (BCE)",
              title="loss")
-    for key, label in (("iou_membrane", "membrane IoU"), ("dice", "membrane Dice"),
-                       ("best_v_rand", "best V_Rand"), ("accuracy", "pixel accuracy")):
+    curves = (("iou_membrane", "membrane IoU"), ("dice", "membrane Dice"), ("best_v_rand", "best V_Rand"),
+              ("accuracy", "pixel accuracy"))
+    if history and "mean_iou" in history[-1]:            # K classes
+        left.set(ylabel="training loss (softmax cross-entropy)")
+        curves = (("mean_iou", "mean IoU"), ("pixel_accuracy", "pixel accuracy"),
+                  ("mean_accuracy", "mean class accuracy"), ("frequency_weighted_iou", "frequency-weighted IoU"))
+    for key, label in curves:
         right.plot(steps, [h.get(key, np.nan) for h in history], marker="o", label=label)
     if history and "majority_accuracy" in history[-1]:
         right.axhline(history[-1]["majority_accuracy"], color="grey", linestyle=":",
@@ -49,6 +54,25 @@ def save_montage(images, targets, probabilities, names, path, threshold: float =
     titles = ("image", "truth (membrane white)", "membrane probability", f"prediction > {threshold}")
     for row, (image, target, probability, name) in enumerate(zip(images, targets, probabilities, names)):
         panels = (image, target, probability, overlay(image, probability >= threshold))
+        for col, panel in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(panel, cmap=None if panel.ndim == 3 else "gray", vmin=0, vmax=1)
+            ax.set_axis_off()
+            ax.set_title(f"{titles[col]}" + (f"  [{name}]" if col == 0 else ""), fontsize=9)
+    save_figure_atomic(figure, path)
+
+
+def save_class_montage(images, truths, predictions, names, palette, path) -> None:
+    """K classes, one row per image: image, truth and prediction in the class colours, and the
+    prediction over the image. truths/predictions: (N, H, W) class indices (ignored pixels of the
+    truth: black)."""
+    from tinyunet.classes import colorize, overlay_classes
+    rows = len(images)
+    figure, axes = plt.subplots(rows, 4, figsize=(12, 3 * rows), squeeze=False)
+    titles = ("image", "truth", "prediction", "prediction over the image")
+    for row, (image, truth, prediction, name) in enumerate(zip(images, truths, predictions, names)):
+        panels = (image, colorize(truth, palette), colorize(prediction, palette),
+                  overlay_classes(image, prediction, palette))
         for col, panel in enumerate(panels):
             ax = axes[row, col]
             ax.imshow(panel, cmap=None if panel.ndim == 3 else "gray", vmin=0, vmax=1)

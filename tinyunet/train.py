@@ -1,4 +1,4 @@
-"""Training a U-Net to segment membranes: the loop, evaluation, collapse checks, and the run folder.
+"""Training a segmentation network: the loop, evaluation, collapse checks, and the run folder.
 
 One step, for a batch of random crops x: (B, 1, s, s) with membrane targets t (1 = membrane):
 
@@ -7,6 +7,14 @@ One step, for a batch of random crops x: (B, 1, s, s) with membrane targets t (1
     loss, dlogits = bce_with_logits(logits, t, w)     w: the paper's border weights, optional
     model.backward(dlogits)                           fills every layer's grads
     adam.step(model.gradients())                      Keras Adam, in place
+
+With K >= 2 classes (``classes``; FCN and SegNet always), t holds class indices (B, s, s) and
+the logits are (B, K, s, s): softmax_cross_entropy(logits, t, class_weights, ignore_index, w)
+replaces the BCE (class_weights: none, or SegNet's median-frequency balancing; ignore_index:
+pixels not scored). ``model`` picks the network (tinyunet/models.py): the U-Net, FCN-32s/16s/8s
+or SegNet, all trained by this same loop. ``clock`` says what ``minutes`` counts: wall time, or
+this process's CPU time (all its threads), which a shared machine does not inflate: runs of
+several models compared at "10 CPU minutes" each get the same work whatever else runs.
 
 Every ``eval_every`` steps the validation images are predicted whole (overlap-tile, as any size
 would be) and scored (tinyunet.metrics); the scores go to metrics.json. The loop watches for
@@ -52,12 +60,15 @@ from tinyunet.augment import PRESETS as AUGMENT_PRESETS, Augmenter
 from tinyunet.backend import (check_device_name, get_array_module, release_gpu_memory, require_gpu, to_device,
                               to_numpy)
 from tinyunet.files import atomic_write
-from tinyunet.data import Dataset, border_weight_map, random_crops, resolve_data
+from tinyunet.data import Dataset, binary_as_classes, border_weight_map, random_crops, resolve_data
+from tinyunet.classes import save_class_prediction
 from tinyunet.infer import predict_probability, save_prediction
-from tinyunet.losses import bce_with_logits
-from tinyunet.metrics import evaluate, report_table
+from tinyunet.losses import bce_with_logits, median_frequency_weights, softmax_cross_entropy
+from tinyunet.metrics import (class_report_table, class_scores, confusion_matrix, evaluate, kmeans_baseline,
+                              majority_baseline, match_clusters, report_table, save_confusion_png)
 from tinyunet.optim import Adam
 from tinyunet.layers import Conv2d, Dropout, MaxPool2d, ReLU
+from tinyunet.models import MODELS, build_model
 from tinyunet.unet import UNet, UNetConfig
 
 
@@ -88,11 +99,20 @@ class TrainOptions:
     base_width: int = 64
     depth: int = 4
     head_relu: bool = True           # the exact Keras head; False removes the ReLU before the sigmoid
+    model: str = "unet"              # unet | fcn32s | fcn16s | fcn8s | segnet (tinyunet.models)
+    classes: int = 1                 # 1: membrane or not (sigmoid); K >= 2: K classes (softmax)
+    class_weights: str = "none"      # none | median-frequency (SegNet's balancing; K >= 2)
+    clock: str = "wall"              # what --minutes counts: wall time, or this process's CPU time
     synthetic_count: int = 24        # synthetic slices (the last 4 validate)
     synthetic_size: int = 256
     resume: bool = False             # continue the run in `out` (its own options are restored)
     overwrite: bool = False          # replace the run in `out`; without it or resume, a run folder is kept
     progress: bool = True
+
+
+MAX_CLASSES = 254                   # 255 is the ignore label
+CLASS_WEIGHTS = ("none", "median-frequency")
+CLOCKS = ("wall", "cpu")
 
 
 class OptionError(ValueError):
@@ -170,12 +190,27 @@ def check_options(o: TrainOptions) -> None:
     minutes = number("minutes")
     if not minutes > 0:
         refuse("minutes", "a run needs time to train: give more than 0 minutes (or a large number and --steps)")
+    if o.model not in MODELS:
+        refuse("model", f"choose one of {', '.join(MODELS)}")
+    integer("classes", 1, MAX_CLASSES)
+    if o.model != "unet" and o.classes < 2:
+        refuse("classes", f"{o.model} scores K >= 2 classes with a softmax: give --classes 2 for membrane "
+                          f"and cell (or --model unet for one sigmoid membrane class)")
+    if o.class_weights not in CLASS_WEIGHTS:
+        refuse("class_weights", f"choose one of {', '.join(CLASS_WEIGHTS)}")
+    if o.class_weights != "none" and o.classes < 2:
+        refuse("class_weights", "balances the classes of a softmax: give --classes 2 or more (with one "
+                                "sigmoid class, --border-weights weights the membranes up)")
+    if o.clock not in CLOCKS:
+        refuse("clock", f"choose one of {', '.join(CLOCKS)}")
     integer("depth", 1, checkpoints.MAX_DEPTH)
     integer("base_width", 1)
-    integer("crop", 2 ** o.depth)
-    if o.crop % 2 ** o.depth:
-        raise OptionError(f"--crop {o.crop} must be divisible by 2**depth = {2 ** o.depth} (e.g. "
-                          f"{max(2 ** o.depth, o.crop - o.crop % 2 ** o.depth)})")
+    multiple = crop_multiple(o)
+    integer("crop", multiple)
+    if o.crop % multiple:
+        what = "2**depth" if o.model == "unet" else f"{o.model}'s 5 poolings: 2**5"
+        raise OptionError(f"--crop {o.crop} must be divisible by {what} = {multiple} (e.g. "
+                          f"{max(multiple, o.crop - o.crop % multiple)})")
     integer("batch", 1)
     lr = number("lr")
     if not (lr > 0 and math.isfinite(lr)):
@@ -199,10 +234,26 @@ def check_options(o: TrainOptions) -> None:
     if o.resume and o.overwrite:
         raise OptionError("--resume and --overwrite contradict each other: --resume continues the run in "
                           f"{o.out}, --overwrite replaces it; give one")
-    try:
-        checkpoints.check_config_bounds(UNetConfig(base_width=o.base_width, depth=o.depth), "--base-width/--depth")
-    except checkpoints.CheckpointError as error:
-        raise OptionError(str(error).split("; the file")[0]) from None
+    if o.model == "unet":
+        try:
+            checkpoints.check_config_bounds(UNetConfig(base_width=o.base_width, depth=o.depth), "--base-width/--depth")
+        except checkpoints.CheckpointError as error:
+            raise OptionError(str(error).split("; the file")[0]) from None
+
+
+def model_options(o: TrainOptions) -> dict:
+    """The options of o.model beyond its width: the U-Net's depth and head; FCN's fc6/fc7 as
+    wide as the reference's relative to its blocks (4096 = 64 x 64), so --base-width scales all."""
+    if o.model == "unet":
+        return {"depth": o.depth, "head_relu": o.head_relu}
+    if o.model.startswith("fcn"):
+        return {"fc_width": 64 * o.base_width}
+    return {}
+
+
+def crop_multiple(o: TrainOptions) -> int:
+    """What a crop's side must be a multiple of: every pooling halves it exactly."""
+    return 2 ** o.depth if o.model == "unet" else 2 ** 5
 
 
 def split_data(dataset: Dataset, val: str) -> tuple[Dataset, Dataset]:
@@ -248,7 +299,7 @@ def write_json_atomic(path: Path, value) -> None:
 def head_relu_dead_channels(model, limit: float = 0.99) -> list[tuple[int, float]]:
     """[(channel, share of zeros)] for the head ReLU's channels that were > ``limit`` zero in
     the last forward. Empty without a head ReLU (head_relu=False or the 'valid' network)."""
-    relu = model.head_relu
+    relu = getattr(model, "head_relu", None)     # the Keras U-Net's sigmoid head only
     positive = getattr(relu, "_positive", None) if relu is not None else None
     if positive is None:
         return []
@@ -271,15 +322,16 @@ class CollapseWatch:
         self.dead_streaks: dict[int, int] = {}
         self.warned = set()
 
-    def check(self, membrane_share: float, dead_channels) -> list[str]:
+    def check(self, membrane_share: float, dead_channels, top_class: str | None = None) -> list[str]:
         """Messages for the evaluation just made: membrane_share is the share of validation
-        pixels predicted membrane; dead_channels as head_relu_dead_channels returns them."""
+        pixels predicted membrane; dead_channels as head_relu_dead_channels returns them. With K
+        classes, membrane_share is the share of the most predicted class, named by top_class."""
         messages = []
-        one_class = membrane_share < self.ONE_CLASS or membrane_share > 1 - self.ONE_CLASS
+        one_class = membrane_share > 1 - self.ONE_CLASS or (top_class is None and membrane_share < self.ONE_CLASS)
         self.one_class_streak = self.one_class_streak + 1 if one_class else 0
         if self.one_class_streak >= self.patience and "one-class" not in self.warned:
             self.warned.add("one-class")
-            which = "membrane" if membrane_share > 0.5 else "cell"
+            which = top_class or ("membrane" if membrane_share > 0.5 else "cell")
             messages.append(
                 f"COLLAPSE: every validation pixel has been predicted '{which}' for {self.one_class_streak} "
                 f"evaluations in a row: the model is not learning. Try: a lower --lr (e.g. 3e-5), "
@@ -306,7 +358,8 @@ CHECKPOINT_NAME = "checkpoint.npz"
 # The options that set the weights a run computes: a resumed run keeps its own (saved in its
 # checkpoint). Under the cosine schedule steps and minutes join them: they set its length.
 RUN_DEFINING = ("data", "val", "crop", "batch", "lr", "lr_schedule", "augment", "border_weights", "seed",
-                "base_width", "depth", "head_relu", "synthetic_count", "synthetic_size")
+                "base_width", "depth", "head_relu", "synthetic_count", "synthetic_size", "model", "classes",
+                "class_weights", "clock")
 NOT_COMPARED = ("out", "resume", "overwrite", "progress")
 
 
@@ -378,20 +431,29 @@ class DeferredInterrupt:
         return False
 
 
-def step_memory_bytes(model: UNet, batch: int, crop: int) -> int:
+def step_memory_bytes(model, batch: int, crop: int) -> int:
     """What one training step needs, as UNet.summary estimates it: parameters, gradients and
     Adam's m and v, what the forward keeps for the backward, and the largest conv workspace.
     From shapes alone, for one image, the kept part scaled by ``batch`` (it grows linearly;
-    the workspace is capped): nothing is allocated, and a huge batch costs no more to check."""
+    the workspace is capped): nothing is allocated, and a huge batch costs no more to check.
+    For FCN and SegNet (transposed convs, unpooling, batch norm) the layers without their own
+    estimate count as keeping one output-sized array, an upper bound."""
     item = model.dtype.itemsize
     kept = workspace = 0
-    for _, layer, in_shape, out in model.layer_shapes((1, model.config.in_channels, crop, crop)):
+    previous = (1, model.config.in_channels, crop, crop)
+    for record in model.layer_shapes(previous):
+        # U-Net's records are (name, layer, input shape, output shape); FCN's and SegNet's have no
+        # input shape: their convs read the layer before's output (a skip reads its own, no larger)
+        layer, out = record[1], record[-1]
+        in_shape, previous = (record[2] if len(record) == 4 else previous), out
         if isinstance(layer, Conv2d):
             kept += layer.kept_bytes(in_shape)
             workspace = max(workspace, layer.workspace_bytes(in_shape))
         elif isinstance(layer, (ReLU, MaxPool2d)):
-            kept += math.prod(out)                      # a bool mask or an int8 argmax
+            kept += math.prod(out) * (8 if getattr(layer, "return_indices", False) else 1)   # mask, argmax, indices
         elif isinstance(layer, Dropout):
+            kept += math.prod(out) * item
+        elif layer.params or type(layer).__name__ in ("BatchNorm2d", "MaxUnpool2d"):
             kept += math.prod(out) * item
     return 4 * model.num_parameters() * item + batch * kept + workspace
 
@@ -446,7 +508,8 @@ class Trainer:
             self._prepare_run_folder()
 
         self.model.to(o.device)
-        self.optimizer = Adam(self.model.parameters(), lr=o.lr)   # after .to(): it holds the arrays
+        # after .to(): it holds the arrays; FCN's frozen bilinear upsamplers are not among them
+        self.optimizer = Adam(self.model.trainable_parameters(), lr=o.lr)
         self.batch_rng = np.random.default_rng([o.seed, 1])
         if comm is not None:      # MPI: each rank its own samples and dropout masks (rank 0: the above)
             self.batch_rng = distributed.seed_rank_streams(o.seed, comm.rank, self.model)
@@ -474,8 +537,8 @@ class Trainer:
         self.run_dir = Path(o.out)
         self.checkpoint_path = self.run_dir / CHECKPOINT_NAME
         self._check_run_folder()
-        self.model = UNet(UNetConfig(base_width=o.base_width, depth=o.depth, head_relu=o.head_relu,
-                                     seed=o.seed))
+        self.model = build_model(o.model, classes=o.classes, base_width=o.base_width, seed=o.seed,
+                                 **model_options(o))
         self._check_memory()
         self.train_set, self.val_set = self._load_data(dataset)
 
@@ -536,7 +599,7 @@ class Trainer:
         need = step_memory_bytes(self.model, o.batch, o.crop)
         if o.device == "cpu" and total is not None and need > total:
             raise OptionError(f"--batch {o.batch} --crop {o.crop} needs about {need / 1e9:.1f} GB for one training "
-                              f"step of this U-Net, more than this machine's {total / 1e9:.1f} GB; lower --batch "
+                              f"step of this {o.model}, more than this machine's {total / 1e9:.1f} GB; lower --batch "
                               f"or --crop")
 
     def _load_data(self, dataset: Dataset | None) -> tuple[Dataset, Dataset]:
@@ -544,25 +607,48 @@ class Trainer:
         o = self.options
         if dataset is None and o.data == "synthetic" and o.crop > o.synthetic_size:   # before generating it
             raise OptionError(f"--crop {o.crop} is larger than the synthetic slices ({o.synthetic_size} pixels); "
-                              f"use --crop {o.synthetic_size - o.synthetic_size % 2 ** o.depth} or less")
+                              f"use --crop {o.synthetic_size - o.synthetic_size % crop_multiple(o)} or less")
         total = physical_memory_bytes()
         need = o.synthetic_count * o.synthetic_size ** 2 * 8          # float32 image and target
         if dataset is None and o.data == "synthetic" and total is not None and need > total / 2:
             raise OptionError(f"--synthetic-count {o.synthetic_count} slices of {o.synthetic_size} pixels need "
                               f"{need / 1e9:.1f} GB, more than half this machine's {total / 1e9:.1f} GB; generate fewer")
         if dataset is None:
-            dataset = resolve_data(o.data, count=o.synthetic_count, size=o.synthetic_size, seed=o.seed)
+            dataset = resolve_data(o.data, count=o.synthetic_count, size=o.synthetic_size, seed=o.seed,
+                                   classes=o.classes)
             if o.data == "isbi2012" and len(dataset) > ISBI_TRAINING_SLICES:
                 # Slices 24-29 of the download stay unseen: this project keeps them for an
                 # independent evaluation of models tuned on 0-23 (see shared data's README).
                 dataset = dataset.split(range(ISBI_TRAINING_SLICES))
                 self.log(f"isbi2012: training and validating on slices 0-{ISBI_TRAINING_SLICES - 1} only")
+        dataset = self._fit_classes(dataset)
         train_set, val_set = split_data(dataset, o.val)
         side, name = min((min(image.shape), name) for image, name in zip(train_set.images, train_set.names))
         if o.crop > side:
             raise OptionError(f"--crop {o.crop} is larger than the training image {name!r} ({side} pixels on its "
-                              f"short side); use --crop {side - side % 2 ** o.depth} or less")
+                              f"short side); use --crop {side - side % crop_multiple(o)} or less")
+        self.class_weights = None
+        if o.class_weights == "median-frequency":      # SegNet's balancing, from the training labels
+            self.class_weights = median_frequency_weights(np.stack(train_set.targets), o.classes,
+                                                          train_set.ignore_index)
+            self.log("median-frequency class weights: " + ", ".join(
+                f"{name} {w:.3f}" for name, w in zip(train_set.class_names, self.class_weights)))
         return train_set, val_set
+
+    def _fit_classes(self, dataset: Dataset) -> Dataset:
+        """The data as --classes K reads it: K = 1 takes membrane maps; K = 2 also takes them, as
+        the classes cell (0) and membrane (1); otherwise the data's own classes must be K."""
+        o, found = self.options, getattr(dataset, "classes", 1)
+        if found == 1 and o.classes == 2:
+            dataset = binary_as_classes(dataset)
+        elif found != o.classes:
+            names = ", ".join(getattr(dataset, "class_names", ()) or ()) or "membrane or not"
+            raise OptionError(f"--classes {o.classes}: the data {o.data!r} holds {found} class(es) ({names}); "
+                              f"give --classes {found if found > 1 else '1 (or 2)'}")
+        if o.border_weights and o.classes > 1 and "membrane" not in dataset.class_names:
+            raise OptionError(f"--border-weights weights the pixels between cells, found from the 'membrane' "
+                              f"class; the data's classes are {', '.join(dataset.class_names)}: train without it")
+        return dataset
 
     # -- checkpoints ------------------------------------------------------------------------
     def save(self) -> None:
@@ -599,10 +685,14 @@ class Trainer:
         failure = None
         try:
             images, targets = random_crops(self.train_set, o.crop, o.batch, self.batch_rng, self.augment)
+            if o.classes > 1:      # class maps (B, H, W); the softmax loss takes them so
+                targets = targets.reshape(len(targets), *targets.shape[-2:])
             weights = None
             if o.border_weights:
-                weights = np.stack([border_weight_map(t[0])[None] for t in targets])
-                weights = to_device(weights, o.device)
+                membranes = targets if o.classes == 1 else \
+                    (targets == self.train_set.class_names.index("membrane"))[:, None].astype(np.float32)
+                weights = np.stack([border_weight_map(m[0])[None] for m in membranes])
+                weights = to_device(weights if o.classes == 1 else weights[:, 0], o.device)
             x, t = to_device(images, o.device), to_device(targets, o.device)
             logits = self.model.forward(x)
             # Non-finite logits are caught before the update, so the weights stay as they were. On the
@@ -611,7 +701,11 @@ class Trainer:
             first = self.step == self._first_step
             if (o.device == "cpu" or first) and not bool(get_array_module(logits).isfinite(logits).all()):
                 raise FloatingPointError(self._why_not_finite(images, targets))
-            loss, dlogits = bce_with_logits(logits, t, weights, check=True if first else None)
+            if o.classes == 1:
+                loss, dlogits = bce_with_logits(logits, t, weights, check=True if first else None)
+            else:
+                loss, dlogits = softmax_cross_entropy(logits, t, self.class_weights, self.train_set.ignore_index,
+                                                      weights)
             self.model.backward(dlogits)
         except Exception as error:    # MPI: the other ranks must hear of it, not wait for ever
             if self.comm is None:
@@ -629,7 +723,7 @@ class Trainer:
     def _why_not_finite(self, images, targets) -> str:
         """Blame what is to blame for NaN or infinite logits: the data, or the weights (the learning rate)."""
         step = self.step + 1
-        if not (np.isfinite(images).all() and np.isfinite(targets).all()):
+        if not (np.isfinite(images).all() and np.isfinite(targets.astype(np.float32)).all()):
             return (f"the logits became NaN at step {step} because the training batch holds NaN or infinite "
                     f"values: check the data ({self.options.data}) and the augmentation ({self.options.augment})")
         if not all(np.isfinite(to_numpy(p)).all() for p in self.model.parameters().values()):
@@ -648,12 +742,29 @@ class Trainer:
         return predict_probability(self.model, image, tta=self.options.tta)
 
     def evaluate(self) -> dict:
+        """Scores on the validation images, predicted whole. One class: the membrane scores of
+        tinyunet.metrics.evaluate; K classes: the FCN paper's four and per-class IoU
+        (class_scores), and the share of pixels given the most predicted class (CollapseWatch)."""
         probabilities = [self.predict(image) for image in self.val_set.images]
         release_gpu_memory()      # the whole-image blocks would stay in CuPy's pool and raise the next peak
-        scores = evaluate(np.stack(probabilities), np.stack(self.val_set.targets))
-        scores["membrane_share_predicted"] = float(np.mean([(p >= self.options.threshold).mean()
-                                                            for p in probabilities]))
+        if self.options.classes == 1:
+            scores = evaluate(np.stack(probabilities), np.stack(self.val_set.targets))
+            scores["membrane_share_predicted"] = float(np.mean([(p >= self.options.threshold).mean()
+                                                                for p in probabilities]))
+            return scores
+        labels = np.stack([p.argmax(axis=0) for p in probabilities])
+        scores = self._class_scores(labels)
+        shares = np.bincount(labels.ravel(), minlength=self.options.classes) / labels.size
+        scores["top_class_predicted"] = self.val_set.class_names[int(shares.argmax())]
+        scores["top_class_share_predicted"] = float(shares.max())
         return scores
+
+    def _class_scores(self, labels) -> dict:
+        """class_scores of (N, H, W) predicted labels against the validation set's, flattened for
+        metrics.json: mean_iou, pixel_accuracy, ..., iou_<class>, precision_<class>, recall_<class>."""
+        v = self.val_set
+        scores = class_scores(labels, np.stack(v.targets), self.options.classes, v.ignore_index, v.class_names)
+        return flatten_class_scores(scores)
 
     def _record(self, loss_window: list[float]) -> dict:
         scores = self.evaluate()
@@ -664,7 +775,11 @@ class Trainer:
                   "head_relu_dead": [share for _, share in dead]}
         self.history.append(record)
         write_json_atomic(self.run_dir / "metrics.json", self.history)
-        for message in self.watch.check(scores["membrane_share_predicted"], dead):
+        if self.options.classes == 1:
+            messages = self.watch.check(scores["membrane_share_predicted"], dead)
+        else:
+            messages = self.watch.check(scores["top_class_share_predicted"], dead, scores["top_class_predicted"])
+        for message in messages:
             self.log(message)
         return record
 
@@ -728,6 +843,7 @@ class Trainer:
     def _loop(self, losses: list[float], interrupt: DeferredInterrupt) -> None:
         o = self.options
         budget = o.minutes * 60.0
+        clock = time.process_time if o.clock == "cpu" else time.perf_counter   # CPU time: all threads'
         unread: list = []                       # losses not yet read back (device scalars on the GPU)
         read_every = 10 if o.device == "gpu" else 1
         bar = tqdm(total=o.steps, initial=self.step, desc="training", unit="step",
@@ -735,9 +851,9 @@ class Trainer:
         try:
             # (first: under MPI it also sets every rank's clock to rank 0's, before the budget is compared)
             while not self._stop_requested(interrupt) and self.step < o.steps and self.train_seconds < budget:
-                started = time.perf_counter()
+                started = clock()
                 unread.append(self.train_step())
-                self.train_seconds += time.perf_counter() - started
+                self.train_seconds += clock() - started
                 # Reading a GPU loss waits for the GPU: read every 10 steps there, every step on the CPU
                 if (len(unread) >= read_every or self.step % o.eval_every == 0 or self.step >= o.steps
                         or self.train_seconds >= budget):
@@ -749,9 +865,11 @@ class Trainer:
                         losses.append(value)
                     unread = []
                     postfix = {"loss": f"{np.mean(losses[-20:]):.4f}"}
-                    if self.history:
+                    if self.history and o.classes == 1:
                         postfix.update(iou=f"{self.history[-1]['iou_membrane']:.3f}",
                                        dice=f"{self.history[-1]['dice']:.3f}")
+                    elif self.history:
+                        postfix.update(miou=f"{self.history[-1]['mean_iou']:.3f}")
                     bar.set_postfix(postfix)
                 bar.update(1)
                 if self.step % o.eval_every == 0 and self.writes:    # MPI: once, on rank 0
@@ -764,29 +882,73 @@ class Trainer:
 
     # -- what the run leaves behind -----------------------------------------------------------
     def finish(self) -> dict:
-        o = self.options
+        """Predict the validation images, write them (predictions/), score them against the
+        baselines, write final.json, report.txt, curves.png, montage.png and confusion.png.
+
+        Every run, one class or K, is also scored as K >= 2 classes (a membrane run as cell and
+        membrane) with the FCN paper's metrics, beside k-means on intensity and the majority class,
+        so that any two runs can share one table (examples/compare_models.py)."""
+        o, v = self.options, self.val_set
         prediction_dir = self.run_dir / "predictions"
-        probabilities = []
-        for image, name in zip(self.val_set.images, self.val_set.names):
-            probability = self.predict(image)
-            probabilities.append(probability)
-            save_prediction(image, probability, prediction_dir, name, o.threshold)
-        images, targets = np.stack(self.val_set.images), np.stack(self.val_set.targets)
-        scores = evaluate(np.stack(probabilities), targets, image=images)   # with Otsu and majority
-        table = report_table([("tinyunet", scores), ("Otsu threshold", scores["otsu"]),
-                              ("majority class", scores["majority"])])
+        probabilities = [self.predict(image) for image in v.images]
+        images, targets = np.stack(v.images), np.stack(v.targets)
+        if o.classes == 1:
+            for image, probability, name in zip(v.images, probabilities, v.names):
+                save_prediction(image, probability, prediction_dir, name, o.threshold)
+            scores = evaluate(np.stack(probabilities), targets, image=images)   # with Otsu and majority
+            table = report_table([("tinyunet", scores), ("Otsu threshold", scores["otsu"]),
+                                  ("majority class", scores["majority"])])
+            labels = (np.stack(probabilities) >= o.threshold).astype(np.int64)
+            truth, names, ignore = targets.astype(np.int64), ("cell", "membrane"), None
+        else:
+            labels = np.stack([p.argmax(axis=0) for p in probabilities])
+            for image, label, name in zip(v.images, labels, v.names):
+                save_class_prediction(image, label, v.palette, prediction_dir, name)
+            truth, names, ignore = targets, v.class_names, v.ignore_index
+        classes = len(names)
+        baselines = {"k-means on intensity": np.stack([
+                         match_clusters(kmeans_baseline(image, classes, seed=o.seed), target, classes)
+                         for image, target in zip(images, truth)]),
+                     "majority class": np.broadcast_to(majority_baseline(truth), truth.shape)}
+        by_method = {f"tinyunet {o.model}": labels, **baselines}
+        class_table = {method: class_scores(predicted, truth, classes, ignore, names)
+                       for method, predicted in by_method.items()}
+        confusion = confusion_matrix(labels, truth, classes, ignore)
+        class_text = class_report_table(list(class_table.items()))
+        if o.classes == 1:
+            table = table + "\n\nas two classes (cell, membrane):\n" + class_text
+            scores["classes"] = flatten_class_scores(class_table[f"tinyunet {o.model}"])
+        else:
+            table, scores = class_text, flatten_class_scores(class_table[f"tinyunet {o.model}"])
+        scores["baselines"] = {method: flatten_class_scores(class_table[method]) for method in baselines}
+        scores["confusion"] = {"rows_truth_columns_prediction": names, "counts": confusion.tolist()}
         self.log(table)
         write_json_atomic(self.run_dir / "final.json", {
             "step": self.step, "train_seconds": round(self.train_seconds, 1), "options": asdict(o),
+            "model": o.model, "parameters": self.model.num_parameters(), "class_names": list(names),
             "scores": scores})
         atomic_write(self.run_dir / "report.txt", lambda stream: stream.write((table + "\n").encode()))
-        from tinyunet.plots import save_curves, save_montage   # matplotlib only when a run ends
+        save_confusion_png(confusion, names, self.run_dir / "confusion.png")
+        from tinyunet.plots import save_class_montage, save_curves, save_montage   # matplotlib only when a run ends
         save_curves(self.history, self.run_dir / "curves.png")
-        save_montage(images, targets, np.stack(probabilities), self.val_set.names,
-                     self.run_dir / "montage.png", o.threshold)
+        if o.classes == 1:
+            save_montage(images, targets, np.stack(probabilities), v.names, self.run_dir / "montage.png", o.threshold)
+        else:
+            save_class_montage(images, truth, labels, v.names, v.palette, self.run_dir / "montage.png")
         self.log(f"run folder: {self.run_dir} (checkpoint.npz, metrics.json, curves.png, montage.png, "
-                 f"predictions/)")
+                 f"confusion.png, predictions/)")
         return {"step": self.step, "scores": scores, "table": table}
+
+
+def flatten_class_scores(scores: dict) -> dict:
+    """class_scores' result as flat JSON numbers: the four means, then <metric>_<class>."""
+    flat = {}
+    for key, value in scores.items():
+        if isinstance(value, dict):             # {class name: number} per metric
+            flat.update({f"{key}_{name}": float(number) for name, number in value.items()})
+        elif isinstance(value, (int, float, np.number)):
+            flat[key] = float(value)
+    return flat
 
 
 def train(options: TrainOptions, dataset: Dataset | None = None, log=print, comm=None) -> dict:
