@@ -653,6 +653,9 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------
     def save(self) -> None:
         extra = {"history": self.history, "options": asdict(self.options), "train_seconds": self.train_seconds}
+        if self.options.classes > 1:      # for predict_membranes.py: names and colours of the classes
+            extra["class_names"] = list(self.train_set.class_names)
+            extra["palette"] = np.asarray(self.train_set.palette).tolist()
         if self.comm is not None:      # MPI: every rank's generators, gathered to rank 0, which alone writes
             extra["ranks"] = self.comm.gather(distributed.rank_states(self.batch_rng, self.model))
         if self.writes:
