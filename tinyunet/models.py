@@ -26,9 +26,9 @@ Defaults: ``base_width=None`` keeps each reference's own 64 (the U-Net's 31 M pa
 FCN's VGG16 with fc6/fc7 of 4096 channels: 134 M, SegNet's 29 M); a CPU trains at 8 to 16.
 FCN keeps the reference ``input_pad=100`` (conv1_1 pads every side by 100, so a 128-pixel crop
 is 326 pixels wide at conv1_1 and every VGG block works on 6.5x the crop's pixels).
-On a CPU use ``input_pad=FCN_CPU_INPUT_PAD`` (69: the smallest pad for which the crop
-offsets are all >= 0, final crop 0; inputs from 64 pixels; 264 pixels at conv1_1 for a
-128-pixel crop, 1.5x fewer than 326) and a small ``fc_width`` (e.g. 8 * base_width): fc6 is
+On a CPU use ``input_pad=FCN_CPU_INPUT_PAD[variant]`` (FCN-8s 69, 16s 73, 32s 81: the
+smallest pad for which every crop offset is >= 0, the final crop's 0; FCN-8s then takes inputs
+from 64 pixels, and a 128-pixel crop is 264 pixels at conv1_1, 1.5x fewer pixels than 326) and a small ``fc_width`` (e.g. 8 * base_width): fc6 is
 a 7x7 conv to fc_width channels, the largest layer of the reference (103 M of its 134 M).
 """
 from __future__ import annotations
@@ -38,7 +38,10 @@ from tinyunet.segnet import SegNet, SegNetConfig
 from tinyunet.unet import UNet, UNetConfig, nearest_valid_sizes, output_size
 
 MODELS = ("unet", "fcn32s", "fcn16s", "fcn8s", "segnet")
-FCN_CPU_INPUT_PAD = 69          # tests/test_models.py: 69 builds every variant, 68 none
+# The smallest conv1_1 padding for which the final crop's offset is >= 0: the reference's 100
+# minus its final offset (FCN-8s 31, 16s 27, 32s 19); tests/test_models.py builds each, and
+# refuses each minus one.
+FCN_CPU_INPUT_PAD = {"8s": 69, "16s": 73, "32s": 81}
 POOLING_MULTIPLE = 32           # FCN and SegNet pool five times by 2
 
 
