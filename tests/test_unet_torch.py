@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tinyunet.gradcheck import relative_error
-from tinyunet.losses import bce_with_logits
+from tinyunet.losses import bce_with_logits, softmax_cross_entropy
 from tinyunet.unet import UNet, nearest_valid_sizes
 
 torch = pytest.importorskip("torch")
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.torch
 class TorchUNet(nn.Module):
     """zhixuhao/unet's model.py in PyTorch ('same'), or the paper's unpadded net ('valid')."""
 
-    def __init__(self, in_channels, base, depth, padding, head_relu):
+    def __init__(self, in_channels, base, depth, padding, head_relu, classes=1):
         super().__init__()
         self.depth, self.valid, self.head_relu = depth, padding == "valid", head_relu
         pad = 0 if self.valid else 1
@@ -40,11 +40,11 @@ class TorchUNet(nn.Module):
             conv[f"up{i}_upconv"] = nn.Conv2d(w[i], w[i - 1], 2)     # padded by hand: Keras 'same'
             conv[f"up{i}_conv1"] = nn.Conv2d(2 * w[i - 1], w[i - 1], 3, padding=pad)
             conv[f"up{i}_conv2"] = nn.Conv2d(w[i - 1], w[i - 1], 3, padding=pad)
-        if not self.valid:
+        if not self.valid and classes == 1:       # the Keras sigmoid head
             conv["head_conv"] = nn.Conv2d(base, 2, 3, padding=1)
             conv["head_out"] = nn.Conv2d(2, 1, 1)
-        else:
-            conv["head_out"] = nn.Conv2d(base, 1, 1)
+        else:                                      # the paper's head: 1x1 to the K class scores
+            conv["head_out"] = nn.Conv2d(base, classes, 1)
         self.conv = conv
 
     @staticmethod
@@ -72,7 +72,7 @@ class TorchUNet(nn.Module):
                 skip = self.center_crop(skip, x.shape[2:])
             x = torch.cat([skip, x], dim=1)
             x = F.relu(c[f"up{i}_conv2"](F.relu(c[f"up{i}_conv1"](x))))
-        if not self.valid:
+        if "head_conv" in c:
             x = c["head_conv"](x)
             if self.head_relu:
                 x = F.relu(x)
@@ -92,11 +92,15 @@ def compare(model: UNet, x: np.ndarray, seed: int):
     if f"down{cfg.depth}.dropout" in model.layers:
         masks["down"] = torch.from_numpy(model.layers[f"down{cfg.depth}.dropout"].mask.copy())
         masks["bottom"] = torch.from_numpy(model.layers["bottom.dropout"].mask.copy())
-    target = (rng.random(logits.shape) > 0.5).astype(np.float64)
-    loss, dlogits = bce_with_logits(logits, target)
+    if cfg.classes == 1:
+        target = (rng.random(logits.shape) > 0.5).astype(np.float64)
+        loss, dlogits = bce_with_logits(logits, target)
+    else:                                          # K classes: softmax cross-entropy on labels
+        target = rng.integers(0, cfg.classes, (logits.shape[0],) + logits.shape[2:])
+        loss, dlogits = softmax_cross_entropy(logits, target)
     dx = model.backward(dlogits)
 
-    net = TorchUNet(cfg.in_channels, cfg.base_width, cfg.depth, cfg.padding, cfg.head_relu).double()
+    net = TorchUNet(cfg.in_channels, cfg.base_width, cfg.depth, cfg.padding, cfg.head_relu, cfg.classes).double()
     ours = model.parameters()
     with torch.no_grad():
         for name, p in net.conv.named_parameters():      # 'down1_conv1.weight' <- 'down1.conv1.weight'
@@ -104,7 +108,8 @@ def compare(model: UNet, x: np.ndarray, seed: int):
     assert len(list(net.parameters())) == len(ours)
     tx = torch.from_numpy(x.copy()).requires_grad_(True)
     t_logits = net(tx, masks)
-    t_loss = F.binary_cross_entropy_with_logits(t_logits, torch.from_numpy(target))
+    t_loss = (F.binary_cross_entropy_with_logits(t_logits, torch.from_numpy(target)) if cfg.classes == 1
+              else F.cross_entropy(t_logits, torch.from_numpy(target)))
     t_loss.backward()
 
     errors = {"logits": relative_error(logits, t_logits.detach().numpy()),
@@ -146,4 +151,15 @@ def test_valid_network_matches_torch(depth, base):
     x = np.random.default_rng(4).random((1, 1, size, size + 2 ** depth))
     errors = compare(model, x, seed=8)
     assert model.output_shape(x.shape)[2] < size             # it really is unpadded
+    assert_agree(errors)
+
+
+@pytest.mark.parametrize("padding,dropout", [("same", 0.5), ("valid", 0.0)])
+def test_k_class_network_matches_torch(padding, dropout):
+    """K = 3: the paper's 1x1 head to three class scores, softmax cross-entropy on both sides."""
+    model = UNet(base_width=4, depth=2, classes=3, padding=padding, dropout=dropout, dtype="float64", seed=9)
+    size = 16 if padding == "same" else nearest_valid_sizes(1, 2, "valid")[1]
+    x = np.random.default_rng(5).random((2, 1, size, size))
+    errors = compare(model, x, seed=10)
+    assert model.forward(x).shape[1] == 3 and "head.conv.weight" not in errors
     assert_agree(errors)

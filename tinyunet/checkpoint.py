@@ -8,11 +8,17 @@
 What the file holds (a zip of .npy arrays, written and read with allow_pickle=False, so loading
 a file never runs code: there is no pickle in it)::
 
-    __tinyunet__              JSON text: format and version, the model config, the step, the
-                              optimizer's class, hyper-parameters and step, every random
-                              generator's state (Dropout's and the caller's), caller's extras
-    param/<dotted name>       every parameter, e.g. param/down1.conv1.weight
-    optim/<slot>.<name>       the optimizer's state, e.g. optim/m.down1.conv1.weight (Adam)
+    __tinyunet__              JSON text: format and version, the model kind (one of
+                              tinyunet.models.MODELS; absent in files from before it: a U-Net)
+                              and config, the step, the optimizer's class, hyper-parameters
+                              and step, every random generator's state (Dropout's and the
+                              caller's), caller's extras
+    param/<dotted name>       every parameter, e.g. param/down1.conv1.weight (frozen ones too:
+                              FCN's bilinear upsamplers)
+    buffer/<dotted name>      state that is not a parameter: batch norm's running_mean and
+                              running_var (SegNet), so that a resumed run continues bit for bit
+    optim/<slot>.<name>       the optimizer's state, e.g. optim/m.down1.conv1.weight (Adam), for
+                              the parameters it was given (model.trainable_parameters())
 
 A generator's state holds 128-bit integers, which no NumPy integer dtype can hold; JSON
 integers can, so states travel in the JSON text.
@@ -43,8 +49,13 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyunet import fcn as fcn_module
+from tinyunet import segnet as segnet_module
 from tinyunet.backend import to_numpy
+from tinyunet.fcn import FCNConfig
 from tinyunet.files import atomic_write
+from tinyunet.models import MODELS, config_from_dict, model_kind
+from tinyunet.segnet import SegNet, SegNetConfig
 from tinyunet.unet import UNet, UNetConfig
 
 FORMAT = "tinyunet-checkpoint"
@@ -58,11 +69,13 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadedCheckpoint:
-    """What load_checkpoint returns: the model (given or built), the step, the saved config."""
-    model: UNet
+    """What load_checkpoint returns: the model (given or built), the step, the saved config
+    and the model kind (tinyunet.models.MODELS)."""
+    model: object
     step: int
-    config: UNetConfig
+    config: object
     extra: dict = field(default_factory=dict)
+    kind: str = "unet"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,21 +89,23 @@ def _optimizer_meta(optimizer) -> dict | None:
     return {"class": type(optimizer).__name__, "hyper": hyper, "step": int(optimizer.step_count)}
 
 
-def save_checkpoint(path, model: UNet, optimizer=None, *, step: int = 0, rngs: dict | None = None,
+def save_checkpoint(path, model, optimizer=None, *, step: int = 0, rngs: dict | None = None,
                     extra: dict | None = None) -> Path:
-    """Write model, optimizer, generators and ``step`` to ``path`` atomically; returns the path.
+    """Write model (any of tinyunet.models.MODELS: parameters, batch-norm buffers, config and
+    kind), optimizer, generators and ``step`` to ``path`` atomically; returns the path.
 
     rngs:  {name: numpy Generator} of the caller (data order, augmentation); the model's own
            Dropout generators are always saved.
     extra: JSON-serializable values to keep beside (e.g. the best validation score).
     """
     path = Path(path)
+    kind = model_kind(model)
     rngs = dict(rngs or {})
     for name, rng in rngs.items():
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"save_checkpoint: rngs[{name!r}] must be a numpy Generator, got {type(rng).__name__}")
     meta = {
-        "format": FORMAT, "version": VERSION,
+        "format": FORMAT, "version": VERSION, "kind": kind,
         "config": json.loads(model.config.to_json()),
         "step": int(step),
         "optimizer": _optimizer_meta(optimizer),
@@ -104,6 +119,7 @@ def save_checkpoint(path, model: UNet, optimizer=None, *, step: int = 0, rngs: d
         raise TypeError(f"save_checkpoint: extra must hold JSON values only ({error})") from None
     arrays = {META_KEY: np.array(meta_text)}
     arrays.update({f"param/{name}": to_numpy(value) for name, value in model.parameters().items()})
+    arrays.update({f"buffer/{name}": to_numpy(value) for name, value in model.buffers().items()})
     if optimizer is not None:
         for key, value in optimizer.state_dict().items():
             if key != "step":
@@ -133,10 +149,14 @@ MAX_META_BYTES = 64 << 20         # the JSON entry (metrics history included)
 ZIP_MAGIC = b"PK\x03\x04"
 
 
-def parameter_shapes(config: UNetConfig) -> dict[str, tuple]:
-    """{'down1.conv1.weight': (64, 1, 3, 3), ...} of the UNet ``config`` builds, computed
-    without building it (nothing is allocated). Mirrors UNet.__init__; proof:
-    tests/test_checkpoint.py::test_parameter_shapes_match_the_model."""
+def parameter_shapes(config) -> dict[str, tuple]:
+    """{'down1.conv1.weight': (64, 1, 3, 3), ...} of the model ``config`` builds (a UNetConfig,
+    FCNConfig or SegNetConfig), computed without building it (nothing is allocated). Mirrors
+    each model's __init__ (FCN and SegNet: their layer_table); proof:
+    tests/test_checkpoint.py::test_parameter_shapes_match_the_model and
+    tests/test_models.py::test_parameter_and_buffer_shapes_match_every_model."""
+    if isinstance(config, (FCNConfig, SegNetConfig)):
+        return _table_shapes(config)[0]
     shapes: dict[str, tuple] = {}
 
     def conv(name, cin, cout, k):
@@ -154,23 +174,63 @@ def parameter_shapes(config: UNetConfig) -> dict[str, tuple]:
         conv(f"up{i}.upconv", widths[i], widths[i - 1], 2)
         conv(f"up{i}.conv1", 2 * widths[i - 1], widths[i - 1], 3)
         conv(f"up{i}.conv2", widths[i - 1], widths[i - 1], 3)
-    if config.padding == "same":
+    if config.padding == "same" and config.classes == 1:
         conv("head.conv", widths[0], 2, 3)
         conv("head.out", 2, 1, 1)
     else:
-        conv("head.out", widths[0], 1, 1)
+        conv("head.out", widths[0], config.classes, 1)
     return shapes
 
 
-def check_config_bounds(config: UNetConfig, source: str = "the config") -> None:
+def buffer_shapes(config) -> dict[str, tuple]:
+    """{'bn1_1.running_mean': (64,), ...}: the batch-norm statistics (SegNet); {} otherwise."""
+    if isinstance(config, (FCNConfig, SegNetConfig)):
+        return _table_shapes(config)[1]
+    return {}
+
+
+def trainable_shapes(config) -> dict[str, tuple]:
+    """parameter_shapes without the frozen ones (FCN's bilinear upsamplers, unless
+    learn_upsampling): the parameters an optimizer is given and saves state for."""
+    shapes = parameter_shapes(config)
+    if isinstance(config, FCNConfig) and not config.learn_upsampling:
+        frozen = {name for name, kind, _ in fcn_module.layer_table(config) if kind == "up"}
+        shapes = {k: v for k, v in shapes.items() if k.rsplit(".", 1)[0] not in frozen}
+    return shapes
+
+
+def _table_shapes(config) -> tuple[dict, dict]:
+    """(parameter shapes, buffer shapes) of an FCN or SegNet from its layer table."""
+    params, buffers = {}, {}
+    if isinstance(config, FCNConfig):
+        for name, kind, a in fcn_module.layer_table(config):
+            if kind in ("conv", "score"):
+                params[f"{name}.weight"] = (a["cout"], a["cin"], a.get("k", 1), a.get("k", 1))
+                params[f"{name}.bias"] = (a["cout"],)
+            elif kind == "up":                                  # (K, K, k, k), no bias
+                params[f"{name}.weight"] = (config.classes, config.classes, a["k"], a["k"])
+        return params, buffers
+    for name, kind, a in segnet_module.layer_table(config):
+        if kind == "conv":
+            params[f"{name}.weight"] = (a["cout"], a["cin"], 3, 3)
+            params[f"{name}.bias"] = (a["cout"],)
+        elif kind == "bn":
+            params[f"{name}.weight"] = params[f"{name}.bias"] = (a["channels"],)
+            buffers[f"{name}.running_mean"] = buffers[f"{name}.running_var"] = (a["channels"],)
+    return params, buffers
+
+
+def check_config_bounds(config, source: str = "the config") -> None:
     """Refuse a config whose model would be absurdly large, before anything is allocated."""
-    if config.depth > MAX_DEPTH:
+    if isinstance(config, UNetConfig) and config.depth > MAX_DEPTH:
         raise CheckpointError(f"{source}: depth {config.depth} is more than this tinyunet builds ({MAX_DEPTH}); "
                               f"the file is corrupt or was not written by tinyunet")
     count = sum(math.prod(shape) for shape in parameter_shapes(config).values())
     if count > MAX_PARAMETERS:
+        what = ", ".join(f"{key}={getattr(config, key)}" for key in
+                         ("base_width", "depth", "fc_width", "classes", "in_channels") if hasattr(config, key))
         raise CheckpointError(
-            f"{source}: base_width={config.base_width}, depth={config.depth}, in_channels={config.in_channels} "
+            f"{source}: {what} "
             f"means {count:,} parameters, more than tinyunet loads ({MAX_PARAMETERS:,}, "
             f"tinyunet.checkpoint.MAX_PARAMETERS); the file is corrupt or was not written by tinyunet")
 
@@ -281,16 +341,24 @@ def _read_meta(path: Path, archive: zipfile.ZipFile, entries: dict) -> dict:
     return meta
 
 
-def _check_meta(path: Path, meta: dict) -> UNetConfig:
-    """The saved config, bounded, and the types of everything else in the JSON: a clear error
-    for each, before any array is read."""
+def saved_kind(meta: dict) -> str:
+    """The model kind a checkpoint's JSON names; 'unet' for files written before kinds existed."""
+    return meta.get("kind", "unet")
+
+
+def _check_meta(path: Path, meta: dict):
+    """The saved config (of the saved kind), bounded, and the types of everything else in the
+    JSON: a clear error for each, before any array is read."""
     def bad(what):
         return CheckpointError(f"{str(path)!r}: {what}; the file is damaged or was not written by this tinyunet")
 
     if not isinstance(meta.get("config"), dict):
         raise bad("the model config is missing")
+    kind = saved_kind(meta)
+    if kind not in MODELS:
+        raise bad(f"the model kind {kind!r} is none of {', '.join(MODELS)}")
     try:
-        config = UNetConfig(**meta["config"])
+        config = config_from_dict(kind, meta["config"])
     except (TypeError, ValueError) as error:
         raise bad(f"the saved config cannot be read ({error})") from None
     check_config_bounds(config, repr(str(path)))
@@ -359,11 +427,15 @@ def read_checkpoint_meta(path) -> dict:
     return meta
 
 
-def _check_entries(path: Path, entries: dict, config: UNetConfig, meta: dict) -> None:
-    """Every entry is a parameter of the saved config (shape and float dtype from the
-    headers) or its optimizer state; nothing else."""
+def _check_entries(path: Path, entries: dict, config, meta: dict) -> None:
+    """Every entry is a parameter or buffer of the saved config (shape and float dtype from
+    the headers) or optimizer state for a parameter; nothing else. Optimizer state may leave
+    out frozen parameters (an optimizer given trainable_parameters()), nothing else."""
     shapes = parameter_shapes(config)
     expected = {f"param/{name}": shape for name, shape in shapes.items()}
+    expected.update({f"buffer/{name}": shape for name, shape in buffer_shapes(config).items()})
+    optional = set()
+    trainable = trainable_shapes(config)
     problems = []
     optimizer = meta.get("optimizer")
     slots = {k[len("optim/"):].split(".", 1)[0] for k in entries if k.startswith("optim/")}
@@ -371,17 +443,20 @@ def _check_entries(path: Path, entries: dict, config: UNetConfig, meta: dict) ->
         problems.append(f"  optimizer state {sorted(slots)} without an optimizer entry")
     for slot in slots:
         expected.update({f"optim/{slot}.{name}": shape for name, shape in shapes.items()})
+        optional.update(f"optim/{slot}.{name}" for name in shapes if name not in trainable)
     dtype = np.dtype(config.dtype)
     for name, entry in entries.items():
         if name == META_KEY:
             continue
         if name not in expected:
-            problems.append(f"  {name}: not part of a {config.padding!r} U-Net of depth {config.depth}")
+            what = (f"a {config.padding!r} U-Net of depth {config.depth}" if isinstance(config, UNetConfig)
+                    else f"this {saved_kind(meta)}")
+            problems.append(f"  {name}: not part of {what}")
         elif entry.shape != expected[name]:
             problems.append(f"  {name}: the config means {expected[name]}, the file holds {entry.shape}")
         elif entry.dtype != dtype:
             problems.append(f"  {name}: the config means {dtype}, the file holds {entry.dtype}")
-    missing = [name for name in expected if name not in entries]
+    missing = [name for name in expected if name not in entries and name not in optional]
     problems += [f"  {name}: missing" for name in missing[:10]]
     if len(missing) > 10:
         problems.append(f"  ... and {len(missing) - 10} more missing")
@@ -401,9 +476,13 @@ def _mismatches(expected: dict, found: dict, what: str) -> list[str]:
     return lines
 
 
-def load_checkpoint(path, model: UNet | None = None, optimizer=None, *, rngs: dict | None = None) -> LoadedCheckpoint:
-    """Restore a checkpoint into ``model`` (built from the saved config when None), the
-    ``optimizer`` (state, step and hyper-parameters) and the generators in ``rngs``.
+def load_checkpoint(path, model=None, optimizer=None, *, rngs: dict | None = None) -> LoadedCheckpoint:
+    """Restore a checkpoint into ``model`` (built from the saved kind and config when None),
+    the ``optimizer`` (state, step and hyper-parameters) and the generators in ``rngs``.
+
+    A model of another kind or class count than the file's is refused in one line (build the
+    model from the file instead: load_checkpoint(path) with no model). Batch-norm running
+    statistics are restored with the parameters.
 
     All or nothing: the file's headers, config, arrays, values (finite) and generator states
     are all checked before anything is changed, so an error leaves model, optimizer and
@@ -413,13 +492,26 @@ def load_checkpoint(path, model: UNet | None = None, optimizer=None, *, rngs: di
     """
     path = Path(path)
     meta, arrays = read_checkpoint(path)
-    config = UNetConfig(**meta["config"])              # read_checkpoint checked it
+    kind = saved_kind(meta)
+    config = config_from_dict(kind, meta["config"])   # read_checkpoint checked it
+    if model is not None:
+        own_kind = model_kind(model)
+        if own_kind != kind or model.config.classes != config.classes:
+            raise CheckpointError(
+                f"{str(path)!r} holds a {kind} checkpoint (classes {config.classes}); this model is a {own_kind} "
+                f"(classes {model.config.classes}): build it with tinyunet.models.build_model from the file "
+                f"(load_checkpoint(path) with no model does)")
     _check_arrays_finite(path, arrays)
     if model is None:
-        model = UNet(config)
+        model = {UNetConfig: UNet, FCNConfig: fcn_module.FCN, SegNetConfig: SegNet}[type(config)](config)
     params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
+    buffers = {k[len("buffer/"):]: v for k, v in arrays.items() if k.startswith("buffer/")}
     problems = _mismatches(model.parameters(), params, "")
-    for key in ("padding", "head_relu", "dtype"):   # change the function, not the shapes
+    problems += _mismatches(model.buffers(), buffers, "buffer ")
+    # options that change the function, not the shapes
+    keys = {UNetConfig: ("padding", "head_relu", "dtype"), FCNConfig: ("input_pad", "learn_upsampling", "dtype"),
+            SegNetConfig: ("momentum", "eps", "dtype")}[type(config)]
+    for key in keys:
         if getattr(model.config, key) != getattr(config, key):
             problems.append(f"  config.{key}: expected {getattr(model.config, key)!r}, found {getattr(config, key)!r}")
     model_rngs = model.random_generators()
@@ -456,7 +548,10 @@ def load_checkpoint(path, model: UNet | None = None, optimizer=None, *, rngs: di
                               f"= this model, found = the file):\n" + "\n".join(problems))
 
     # everything fits: nothing below can fail on the file's content
-    model.load_parameters(params)
+    if isinstance(model, UNet):
+        model.load_parameters(params)
+    else:
+        model.load_parameters({**params, **buffers})     # LayerNetwork: parameters and buffers
     for name, rng in model_rngs.items():
         rng.bit_generator.state = saved_model_rngs[name]
     for name, rng in rngs.items():
@@ -465,4 +560,5 @@ def load_checkpoint(path, model: UNet | None = None, optimizer=None, *, rngs: di
         optimizer.load_state_dict({"step": optimizer_meta["step"], **state})
         for key, value in optimizer_meta["hyper"].items():
             setattr(optimizer, key, value)
-    return LoadedCheckpoint(model=model, step=int(meta["step"]), config=config, extra=meta.get("extra", {}))
+    return LoadedCheckpoint(model=model, step=int(meta["step"]), config=config, extra=meta.get("extra", {}),
+                            kind=kind)

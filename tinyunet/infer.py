@@ -8,7 +8,14 @@ at the image border get mirrored context instead of zeros. For the unpadded ('va
 network the network itself cuts the border away: its output is the center of its input.
 
 Shapes: image (H, W) float in [0, 1] -> probability (H, W) float32 in [0, 1], the membrane
-probability sigmoid(logit). Any H and W work; nothing is resized.
+probability sigmoid(logit), for a one-class model (the binary U-Net); (K, H, W) float32, the
+softmax over the K logits of each pixel, for a K-class model (any of tinyunet.models.MODELS).
+``predict_labels`` turns either into an (H, W) label map. Any H and W work; nothing is resized.
+
+Every model of tinyunet.models works: tiles are multiples of ``input_multiple(model)`` (2**depth
+for the U-Net, 32 for FCN and SegNet, whose five pools then group the same pixels as one
+whole-image pass: tiles agree with it away from their borders), and ``model.inference_bytes``
+(UNet's liveness model; FCN's and SegNet's conservative estimate, tinyunet/network.py) sizes them.
 
 Test-time augmentation averages the predictions of the 8 flips/rotations of the image, each
 mapped back; the tiles of the eight views share forwards (predict_logits_many), as many per
@@ -33,21 +40,40 @@ from tinyunet.backend import to_device, to_numpy
 from tinyunet.files import atomic_write
 from tinyunet.grad_mode import no_grad
 from tinyunet.layers.activation import sigmoid
-from tinyunet.unet import output_size
+from tinyunet.losses import log_softmax
+from tinyunet.unet import UNetConfig, output_size
+
+POOLING_MULTIPLE = 32          # FCN and SegNet: five 2x2 pools (tinyunet.models.input_multiple)
+
+
+def _padding(config) -> str:
+    """'valid' for the unpadded U-Net; 'same' (output the size of the input) for every other model."""
+    return config.padding if isinstance(config, UNetConfig) else "same"
+
+
+def _multiple(config) -> int:
+    return 2 ** config.depth if isinstance(config, UNetConfig) else POOLING_MULTIPLE
+
+
+def _output_size(config, size: int):
+    """The output side for an input side, or None when it does not fit (by the config alone)."""
+    if isinstance(config, UNetConfig):
+        return output_size(size, config.depth, config.padding)
+    return size if size >= POOLING_MULTIPLE and size % POOLING_MULTIPLE == 0 else None
 
 
 def tile_geometry(config, tile: int, margin: int):
     """(input tile, kept output size, offset of the kept part inside the network's output)."""
-    out = output_size(tile, config.depth, config.padding)
+    out = _output_size(config, tile)
     if out is None:
-        raise ValueError(f"tile size {tile} is not a valid input size for this U-Net "
-                         f"(padding={config.padding!r}, depth={config.depth}); "
-                         f"for 'same' use a multiple of {2 ** config.depth}")
-    if config.padding == "same":
+        what = (f"this U-Net (padding={config.padding!r}, depth={config.depth}); for 'same' use"
+                if isinstance(config, UNetConfig) else f"this {type(config).__name__[:-6]}: use")
+        raise ValueError(f"tile size {tile} is not a valid input size for {what} a multiple of {_multiple(config)}")
+    if _padding(config) == "same":
         # Every tile must start on the pooling grid of the whole image (a multiple of
-        # 2**depth), or its max-pool windows would group other pixels than one whole pass
-        # would: the U-Net is not shift-invariant. So the margin is rounded up to that grid.
-        step = 2 ** config.depth
+        # 2**depth, or 32), or its max-pool windows would group other pixels than one whole
+        # pass would: the networks are not shift-invariant. So the margin is rounded up to that grid.
+        step = _multiple(config)
         margin = -(-margin // step) * step
         keep = tile - 2 * margin
         if keep <= 0:
@@ -68,7 +94,7 @@ def _tiling(config, shape, tile: int, margin: int):
     """For an (H, W) image: (padding of the mirror-padded image, tile corners, keep, offset)."""
     tile, keep, offset = tile_geometry(config, tile, margin)
     h, w = shape
-    context = (tile - keep) // 2 if config.padding != "same" else offset
+    context = (tile - keep) // 2 if _padding(config) != "same" else offset
     rows, cols = -(-h // keep), -(-w // keep)
     # mirror-pad: `context` before, enough after that every tile is whole
     pad = ((context, rows * keep - h + (tile - keep - context)), (context, cols * keep - w + (tile - keep - context)))
@@ -77,7 +103,8 @@ def _tiling(config, shape, tile: int, margin: int):
 
 
 def predict_logits_many(model, images, tile: int, margin: int = 32, batch: int = 2):
-    """Overlap-tile logits of each (H, W) image of the iterable ``images``, yielded in order.
+    """Overlap-tile logits of each (H, W) image of the iterable ``images``, yielded in order:
+    (H, W) for a one-class model, (K, H, W) for K classes.
 
     The tiles of consecutive images share batches: ``batch`` tiles per forward, across image
     boundaries, so the eight small TTA views run as one batch of eight where memory allows
@@ -87,6 +114,7 @@ def predict_logits_many(model, images, tile: int, margin: int = 32, batch: int =
     needed and its logits are yielded once its last tile is done, so at most ``batch`` + 1
     images are in flight."""
     config = model.config
+    classes = config.classes
     dtype, device = np.dtype(config.dtype), model.device
     in_flight = []                               # [padded image, logits, tiles still to run, shape]
     jobs = []                                    # (record, corner)
@@ -96,18 +124,18 @@ def predict_logits_many(model, images, tile: int, margin: int = 32, batch: int =
         with no_grad():                          # keeps nothing for a backward (tinyunet/grad_mode.py)
             out = to_numpy(model.forward(to_device(tile_images.astype(dtype, copy=False), device)))
         for (record, (r, c)), o in zip(jobs, out):
-            record[1][r:r + keep, c:c + keep] = o[0, offset:offset + keep, offset:offset + keep]
+            record[1][:, r:r + keep, c:c + keep] = o[:, offset:offset + keep, offset:offset + keep]
             record[2] -= 1
         jobs.clear()
         while in_flight and in_flight[0][2] == 0:
             padded, logits, _, (h, w) = in_flight.pop(0)
-            yield logits[:h, :w]
+            yield logits[0, :h, :w] if classes == 1 else logits[:, :h, :w]
 
     for image in images:
         pad, corners, keep, offset = _tiling(config, image.shape, tile, margin)
         # numpy mirrors repeatedly where the padding is wider than the image itself
         padded = np.pad(image, pad, mode="symmetric")
-        record = [padded, np.zeros((pad[0][0] + image.shape[0] + pad[0][1] - (tile - keep),
+        record = [padded, np.zeros((classes, pad[0][0] + image.shape[0] + pad[0][1] - (tile - keep),
                                     pad[1][0] + image.shape[1] + pad[1][1] - (tile - keep)), dtype=dtype),
                   len(corners), image.shape]
         in_flight.append(record)
@@ -120,22 +148,33 @@ def predict_logits_many(model, images, tile: int, margin: int = 32, batch: int =
 
 
 def predict_logits_tiled(model, image, tile: int = 256, margin: int = 32, batch: int = 2):
-    """Overlap-tile prediction of one (H, W) image -> logits (H, W) on the host."""
+    """Overlap-tile prediction of one (H, W) image -> logits (H, W) (one class) or (K, H, W) on the host."""
     return next(predict_logits_many(model, [image], tile, margin, batch))
 
 
 def _dihedral(a, k: int, flip: bool):
-    a = np.rot90(a, k)
-    return a[:, ::-1] if flip else a
+    """One of the 8 flips/rotations of the last two axes of (H, W) or (K, H, W)."""
+    a = np.rot90(a, k, axes=(-2, -1))
+    return a[..., ::-1] if flip else a
 
 
 def _undo_dihedral(a, k: int, flip: bool):
-    a = a[:, ::-1] if flip else a
-    return np.rot90(a, -k)
+    a = a[..., ::-1] if flip else a
+    return np.rot90(a, -k, axes=(-2, -1))
 
 
-def _valid_sizes(config, largest: int):
-    return [s for s in range(1, largest + 1) if output_size(s, config.depth, config.padding)]
+def _fits(model, size: int) -> bool:
+    """A valid tile side for ``model``; FCN with a small input_pad also needs room for fc6."""
+    if _output_size(model.config, size) is None:
+        return False
+    if isinstance(model.config, UNetConfig):
+        return True
+    from tinyunet.models import is_valid_input_size
+    return is_valid_input_size(model, size)
+
+
+def _valid_sizes(model, largest: int):
+    return [s for s in range(1, largest + 1) if _fits(model, s)]
 
 
 def batch_for_budget(model, tile: int, memory_budget: int = DEFAULT_MEMORY_BUDGET, most: int = MAX_BATCH) -> int:
@@ -157,18 +196,18 @@ def auto_tile(model, shape, margin: int, memory_budget: int = DEFAULT_MEMORY_BUD
     tile for a 512x512 slice (one pass) and 736-pixel tiles for a 4096x4096 one. Raises
     ValueError when not even the smallest valid tile fits."""
     config, c = model.config, model.config.in_channels
+    padding = _padding(config)
     need = max(shape) + 2 * margin
-    covering = next(s for s in range(max(1, need if config.padding == "same" else 1), 10 * need + 64)
-                    if output_size(s, config.depth, config.padding)
-                    and (config.padding == "same" or output_size(s, config.depth, config.padding) >= max(shape)))
+    covering = next(s for s in range(max(1, need if padding == "same" else 1), 10 * need + 64 + 16 * POOLING_MULTIPLE)
+                    if _fits(model, s) and (padding == "same" or _output_size(config, s) >= max(shape)))
 
     def fits(size):
         return model.inference_bytes((1, c, size, size)) <= memory_budget
 
     if fits(covering):
         return covering
-    step = 2 ** config.depth                      # tile_geometry rounds the margin up to it
-    sizes = [s for s in _valid_sizes(config, covering) if config.padding != "same" or s > 2 * (-(-margin // step) * step)]
+    step = _multiple(config)                      # tile_geometry rounds the margin up to it
+    sizes = [s for s in _valid_sizes(model, covering) if padding != "same" or s > 2 * (-(-margin // step) * step)]
     lo, hi = 0, len(sizes) - 1                    # memory grows with the size: bisect the largest fit
     if not sizes or not fits(sizes[0]):
         raise ValueError(f"no tile fits a memory budget of {memory_budget / 1e9:.2f} GB for this model "
@@ -208,13 +247,22 @@ def check_prediction_input(image, tile, margin, batch) -> np.ndarray:
     return array
 
 
+def _probabilities(logits, classes: int) -> np.ndarray:
+    """sigmoid of (H, W) logits (one class), or the softmax over axis 0 of (K, H, W) logits."""
+    if classes == 1:
+        return to_numpy(sigmoid(logits))
+    return np.exp(log_softmax(to_numpy(logits), axis=0))
+
+
 def predict_probability(model, image, tile: int | None = None, margin: int = 32, tta: bool = False,
                         batch: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> np.ndarray:
-    """Membrane probability (H, W) float32 of an (H, W) image in [0, 1], any size.
+    """Probabilities of an (H, W) image in [0, 1], any size, for any model of tinyunet.models:
+    (H, W) float32, the membrane (foreground) probability, for one class (sigmoid); (K, H, W)
+    float32, the softmax over K classes (each pixel's K sum to 1), for K >= 2.
 
     tile None: chosen by auto_tile within ``memory_budget`` bytes (one tile for the whole image
     where that fits). batch None: as many tiles per forward as fit the budget (batch_for_budget).
-    ``tta``: the mean of the probabilities of the 8 flips/rotations, each mapped back; their
+    ``tta``: the mean of the probabilities (per class) of the 8 flips/rotations, each mapped back; their
     tiles share batches (predict_logits_many), which gives the same numbers as eight separate
     passes to float32 rounding (tests/test_infer.py). Runs in evaluation mode (dropout off) and
     inside no_grad(): no layer keeps anything, and the model's mode is put back afterwards.
@@ -230,14 +278,41 @@ def predict_probability(model, image, tile: int | None = None, margin: int = 32,
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        total = np.zeros(image.shape, dtype=np.float64)
+        classes = model.config.classes
+        total = np.zeros(image.shape if classes == 1 else (classes,) + image.shape, dtype=np.float64)
         images = (np.ascontiguousarray(_dihedral(image, k, flip)) for k, flip in views)
         for (k, flip), logits in zip(views, predict_logits_many(model, images, tile, margin, batch)):
-            total += _undo_dihedral(to_numpy(sigmoid(logits)), k, flip)
+            total += _undo_dihedral(_probabilities(logits, classes), k, flip)
         return (total / len(views)).astype(np.float32)
     finally:
         if was_training:
             model.train()
+
+
+def labels_from_probability(probability, threshold: float = 0.5) -> np.ndarray:
+    """(H, W) int64 labels: probability >= threshold (1 = foreground) for an (H, W) map of one
+    class; the argmax over axis 0 (ties: the lower class) for a (K, H, W) map."""
+    probability = np.asarray(probability)
+    if probability.ndim == 2:
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+        return (probability >= threshold).astype(np.int64)
+    if probability.ndim != 3:
+        raise ValueError(f"expected an (H, W) or (K, H, W) probability map, got shape {probability.shape}")
+    return probability.argmax(axis=0).astype(np.int64)
+
+
+def predict_labels(model, image, tile: int | None = None, margin: int = 32, tta: bool = False,
+                   batch: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                   threshold: float = 0.5) -> np.ndarray:
+    """(H, W) int64 class labels of an (H, W) image: argmax of predict_probability over the K
+    classes (K >= 2), or probability >= ``threshold`` (K = 1: 1 = foreground, e.g. membrane).
+    The other arguments are predict_probability's."""
+    if model.config.classes == 1 and not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+    probability = predict_probability(model, image, tile=tile, margin=margin, tta=tta, batch=batch,
+                                      memory_budget=memory_budget)
+    return labels_from_probability(probability, threshold)
 
 
 # ------------------------------------------------------------------------------ output files

@@ -181,6 +181,54 @@ class LayerNetwork:
         self._graph(placeholder(input_shape), shape_run)
         return records
 
+    def output_shape(self, input_shape) -> tuple:
+        """(N, C_in, H, W) -> (N, K, H, W) of the logits, from shapes alone (clear error for a
+        size that does not fit)."""
+        return self.layer_shapes(tuple(input_shape))[-1][2]
+
+    def inference_bytes(self, input_shape, parts: bool = False):
+        """A conservative estimate of the peak bytes of one forward inside no_grad() for an
+        (N, C, H, W) input, from ``layer_shapes`` (tinyunet.infer sizes tiles and batches with it):
+
+            parameters + buffers
+          + workspace        the largest 'cols' and 'padded' slots of the convs (Conv2d.inference_bytes)
+          + kept             the input x (FCN's last crop reads it) and EVERY pool output for the
+                             whole forward (FCN reads pool3 and pool4 again at its score layers;
+                             SegNet keeps each pool's int64 indices for its decoder): an upper bound
+          + max over layers  its input + its output + its temporaries (a conv's Winograd or
+                             shifted buffers; a transposed conv's column matrix
+                             N * F * k * k * H * W; nothing here is done in place)
+
+        ``parts=True`` returns {'parameters', 'workspace', 'activations', 'peak_layer'}.
+        Test: tests/test_models.py::test_inference_bytes_bound_what_numpy_allocates."""
+        from tinyunet.layers import Conv2d, ConvTranspose2d
+        item = self.dtype.itemsize
+        records = self.layer_shapes(tuple(input_shape))
+        kept = int(np.prod(input_shape)) * item
+        slots = {"cols": 0, "padded": 0}
+        peak, peak_layer, previous = 0, None, tuple(input_shape)
+        for name, layer, out in records:
+            size_in, size_out = int(np.prod(previous)) * item, int(np.prod(out)) * item
+            temporary = 0
+            if isinstance(layer, Conv2d):
+                temporary, slot, workspace = layer.inference_bytes(previous)
+                slots[slot] = max(slots[slot], workspace)
+            elif isinstance(layer, ConvTranspose2d):
+                kh, kw = layer.kernel_size
+                temporary = previous[0] * layer.out_channels * kh * kw * previous[2] * previous[3] * item
+            if isinstance(layer, (Add, Crop2d)):
+                size_in *= 2                             # two inputs (the crop's reference: its shape only)
+            here = size_in + size_out + temporary
+            if here > peak:
+                peak, peak_layer = here, name
+            if isinstance(layer, MaxPool2d):
+                kept += size_out + (int(np.prod(out)) * 8 if layer.return_indices else 0)
+            previous = out
+        parameters = sum(int(v.size) * v.dtype.itemsize for v in {**self.parameters(), **self.buffers()}.values())
+        result = {"parameters": parameters, "workspace": slots["cols"] + slots["padded"],
+                  "activations": kept + peak, "peak_layer": peak_layer}
+        return result if parts else parameters + result["workspace"] + result["activations"]
+
     def summary(self, input_shape, print_fn=print) -> str:
         """A table: layer (type), output shape, parameters; then the totals."""
         rows, total = [], 0

@@ -11,6 +11,15 @@ This is the Keras reference model (zhixuhao/unet, model.py) exactly, for images 
                    concat [skip, up] on channels, two 3x3 convs + ReLU
     head           a 3x3 conv to 2 channels + ReLU, then a 1x1 conv to 1 channel: the logits
 
+K classes (``classes=K >= 2``): the head is the U-Net paper's instead, ONE 1x1 conv from the
+last base-width feature map to K logits (no 2-channel conv and ReLU: those exist only for the
+Keras sigmoid head), so the network is the binary one minus head.conv (3*3*64*2 + 2 = 1,154)
+and with head.out (64*K + K) in place of (2*1 + 1): 31,031,685 - 1,154 - 3 + 65 K parameters,
+31,030,723 at K = 3 (tests/test_models.py derives it). The output is (N, K, H, W) logits: the
+loss is tinyunet.losses.softmax_cross_entropy, ``predict_proba`` the softmax over axis 1.
+K = 1 is exactly the binary model above (sigmoid, same names, same count); ``head_relu``
+applies to it only.
+
 Level i has width base * 2**(i-1); ``up{i}`` works at the size of ``down{i}`` and joins its
 skip, so the names pair up across the U. Every weight is he_normal and every bias zero,
 except the last 1x1 conv (glorot_uniform), as Keras builds them: 31,031,685 parameters for
@@ -45,10 +54,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tinyunet.backend import device_of, is_array, to_device
+from tinyunet.backend import device_of, get_array_module, is_array, to_device
 from tinyunet.grad_mode import is_grad_enabled, no_grad
 from tinyunet.layers import CenterCrop2d, Concat, Conv2d, Dropout, MaxPool2d, ReLU, UpConv2d, sigmoid
 from tinyunet.layers.base import LayerInputError
+from tinyunet.losses import log_softmax
 
 PADDINGS = ("same", "valid")
 
@@ -71,7 +81,10 @@ class UNetConfig:
     padding      'same' (the Keras model) or 'valid' (the U-Net paper)
     head_relu    True: the Keras head, ReLU after the 2-channel conv. False drops that ReLU,
                  the fix for a dead head (all outputs 0, constant prediction) reported in
-                 zhixuhao/unet's issues. Ignored for 'valid', whose head is a single 1x1 conv.
+                 zhixuhao/unet's issues. Ignored for 'valid', whose head is a single 1x1 conv,
+                 and for classes >= 2 (the same single 1x1 conv).
+    classes      1: one logit per pixel, sigmoid (the Keras model, binary); K >= 2: K logits
+                 per pixel, softmax, from one 1x1 conv (the U-Net paper's head)
     dtype        'float32' for training, 'float64' for gradient checks
     seed         seeds the weights and the dropout generators
     """
@@ -83,17 +96,20 @@ class UNetConfig:
     head_relu: bool = True
     dtype: str = "float32"
     seed: int = 0
+    classes: int = 1
 
     def __post_init__(self):
         def bad(what):
             raise ValueError(f"UNetConfig: {what}")
-        for field in ("in_channels", "base_width", "depth", "seed"):
+        for field in ("in_channels", "base_width", "depth", "seed", "classes"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 bad(f"{field} must be an int, got {value!r}")
         if self.in_channels < 1 or self.base_width < 1 or self.depth < 1:
             bad(f"in_channels, base_width and depth must be >= 1, got {self.in_channels}, "
                 f"{self.base_width}, {self.depth}")
+        if self.classes < 1:
+            bad(f"classes must be >= 1 (1: sigmoid, binary; K >= 2: softmax over K classes), got {self.classes}")
         if not 0.0 <= float(self.dropout) < 1.0:
             bad(f"dropout is a drop probability in [0, 1), got {self.dropout}")
         if self.padding not in PADDINGS:
@@ -223,13 +239,13 @@ class UNet:
                 add(f"up{i}.crop", CenterCrop2d())
             add(f"up{i}.concat", Concat())
             double_conv(f"up{i}", 2 * widths[i - 1], widths[i - 1])
-        if pad == "same":                              # the Keras head
+        if pad == "same" and c.classes == 1:           # the Keras head
             conv("head.conv", widths[0], 2, 3)
             if c.head_relu:
                 add("head.relu", ReLU())
             conv("head.out", 2, 1, 1, init="glorot_uniform")
-        else:                                          # the paper's head: one 1x1 conv
-            conv("head.out", widths[0], 1, 1, init="glorot_uniform")
+        else:                                          # the paper's head: one 1x1 conv to K
+            conv("head.out", widths[0], c.classes, 1, init="glorot_uniform")
 
     # -- running one layer: the single place every forward and backward goes through ---------
     def _run(self, name, *inputs):
@@ -254,7 +270,7 @@ class UNet:
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x):
-        """x: (N, C_in, H, W) -> logits: (N, 1, H, W) ('same') or (N, 1, H', W') ('valid').
+        """x: (N, C_in, H, W) -> logits: (N, K, H, W) ('same') or (N, K, H', W') ('valid'), K = classes.
 
         Checks x first (type, dtype, channels, size) and says what to do when it does not fit.
         """
@@ -302,11 +318,11 @@ class UNet:
             h = run("head.conv", h)                                  # (N, 2, H, W)
             if "head.relu" in self.layers:
                 h = run("head.relu", h)
-        return run("head.out", h)                                    # (N, 1, H, W): the logits
+        return run("head.out", h)                                    # (N, K, H, W): the logits
 
     # -- backward -----------------------------------------------------------------------------
     def backward(self, dlogits):
-        """dlogits = dL/dlogits: (N, 1, H', W') -> dL/dx: (N, C_in, H, W).
+        """dlogits = dL/dlogits: (N, K, H', W') -> dL/dx: (N, C_in, H, W).
 
         Runs the layers in reverse and fills every layer's ``grads`` (read them with
         ``gradients()``). Must follow the forward whose logits it differentiates.
@@ -347,19 +363,25 @@ class UNet:
         return g                                                     # (N, C_in, H, W)
 
     def predict_proba(self, x):
-        """sigmoid(forward(x)): the probability of the foreground class, (N, 1, H', W').
+        """K = 1: sigmoid(forward(x)), the probability of the foreground class, (N, 1, H', W').
+        K >= 2: softmax over axis 1, p_k = exp(z_k - lse(z)) (stable: losses.log_softmax),
+        (N, K, H', W'), each pixel's K sum to 1.
         A prediction: runs inside no_grad(), so no layer keeps anything (no backward follows).
         Set the mode yourself (``eval()`` for dropout off)."""
         with no_grad():
-            return sigmoid(self.forward(x))
+            logits = self.forward(x)
+        if self.config.classes == 1:
+            return sigmoid(logits)
+        xp = get_array_module(logits)
+        return xp.exp(log_softmax(logits, axis=1))
 
     __call__ = forward
 
     # -- inputs -------------------------------------------------------------------------------
     def output_shape(self, input_shape):
-        """(N, C_in, H, W) -> (N, 1, H', W'); raises UNetInputError for a size that does not fit."""
+        """(N, C_in, H, W) -> (N, K, H', W'); raises UNetInputError for a size that does not fit."""
         n, _, h, w = self._check_shape(tuple(input_shape))
-        return (n, 1, output_size(h, self.config.depth, self.config.padding),
+        return (n, self.config.classes, output_size(h, self.config.depth, self.config.padding),
                 output_size(w, self.config.depth, self.config.padding))
 
     def _check_shape(self, shape):
@@ -411,6 +433,14 @@ class UNet:
         updates the model). Take it again after ``to()`` or ``astype()``, which replace them."""
         return {f"{name}.{key}": value for name, layer in self.layers.items()
                 for key, value in layer.params.items()}
+
+    def trainable_parameters(self) -> dict:
+        """parameters(): every U-Net parameter learns (the interface of tinyunet/network.py)."""
+        return self.parameters()
+
+    def buffers(self) -> dict:
+        """{}: the U-Net has no state outside its parameters (no batch norm)."""
+        return {}
 
     def gradients(self) -> dict:
         """{'down1.conv1.weight': dL/dweight, ...} from the last backward (same names as parameters)."""
