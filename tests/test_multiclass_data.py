@@ -1,7 +1,6 @@
 """Proofs for K-class data: Dataset fields and checks, label formats, the synthetic 3-class set,
 crops and augmentation of class maps (tinyunet/data.py, tinyunet/augment.py, tinyunet/classes.py)."""
 import hashlib
-import json
 
 import numpy as np
 import pytest
@@ -42,14 +41,17 @@ def _folder(root, dataset, write_label):
 
 def test_synthetic_binary_generator_unchanged():
     # sha256 taken on main (7bd10ea) before the K-class generator was added beside it.
-    assert _sha(synthetic_membranes(2, 64, seed=3)) == "a08d6922a5056d23afc8368521b8deb7906815d238d8ce153f99d9c8ca5d04cb"
-    assert _sha(synthetic_membranes(1, 256, seed=0)) == "63284659f70e4047686d9c38216a47761ab7d0c31c73d0018f406758b5856b94"
+    small = "a08d6922a5056d23afc8368521b8deb7906815d238d8ce153f99d9c8ca5d04cb"
+    large = "63284659f70e4047686d9c38216a47761ab7d0c31c73d0018f406758b5856b94"
+    assert _sha(synthetic_membranes(2, 64, seed=3)) == small
+    assert _sha(synthetic_membranes(1, 256, seed=0)) == large
 
 
 def test_synthetic_cells_classes_and_shapes():
     dataset = synthetic_cells(3, size=128, seed=1)
     again = synthetic_cells(1, size=128, seed=1)
-    assert dataset.classes == 3 and dataset.class_names == CELL_CLASS_NAMES == ("cytoplasm", "membrane", "mitochondrion")
+    assert dataset.classes == 3
+    assert dataset.class_names == CELL_CLASS_NAMES == ("cytoplasm", "membrane", "mitochondrion")
     assert dataset.palette.shape == (3, 3) and dataset.palette.dtype == np.uint8
     np.testing.assert_array_equal(dataset.targets[0], again.targets[0])
     np.testing.assert_array_equal(dataset.images[0], again.images[0])
@@ -140,8 +142,8 @@ def test_label_formats_read_the_same(tmp_path, cells):
     _folder(sixteen, source, lambda t, p: Image.fromarray(t.astype(np.uint16)).save(p))
     stack = tmp_path / "labels.tif"
     Image.fromarray(targets[0]).save(stack, save_all=True, append_images=[Image.fromarray(targets[1])])
-    Image.fromarray(np.round(cells.images[0] * 255).astype(np.uint8)).save(
-        tmp_path / "images.tif", save_all=True, append_images=[Image.fromarray(np.round(cells.images[1] * 255).astype(np.uint8))])
+    pages = [Image.fromarray(np.round(image * 255).astype(np.uint8)) for image in cells.images]
+    pages[0].save(tmp_path / "images.tif", save_all=True, append_images=pages[1:])
     tiff = load_tiff_stack(tmp_path / "images.tif", stack, classes=3)
     for dataset in (index, paletted, rgb, load_folder(sixteen, classes=3), tiff):
         assert dataset.classes == 3 and dataset.ignore_index == 255
@@ -154,6 +156,17 @@ def test_label_formats_read_the_same(tmp_path, cells):
     np.testing.assert_array_equal(index.palette, default_palette(3))
     np.testing.assert_array_equal(read_class_target(tmp_path / "palette" / "label" / f"{cells.names[0]}.png", 3),
                                   targets[0])
+
+
+def test_save_folder_of_class_maps_round_trips(tmp_path, cells):
+    names = ("c", "m", "o")
+    dataset = Dataset(cells.images, cells.targets, cells.names, classes=3, class_names=names,
+                      palette=np.array([[9, 9, 9], [200, 0, 0], [0, 0, 200]], np.uint8))
+    back = load_folder(save_folder(dataset, tmp_path / "saved"), classes=3)
+    assert back.class_names == names and (tmp_path / "saved" / "classes.json").is_file()
+    np.testing.assert_array_equal(back.palette, dataset.palette)
+    for got, want in zip(back.targets + back.images, dataset.targets + dataset.images):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_label_errors_are_named(tmp_path, cells):

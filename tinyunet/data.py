@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from tinyunet.augment import Augmenter
 from tinyunet.classes import (ClassError, check_palette, default_palette, labels_from_colors,
-                              read_class_table, save_label_png)
+                              read_class_table, save_label_png, write_class_table)
 from tinyunet.files import atomic_write
 
 DEFAULT_ISBI_URL = "https://raw.githubusercontent.com/zhixuhao/unet/master/data/membrane"
@@ -338,7 +338,8 @@ def _mitochondria(membrane: np.ndarray, rng: np.random.Generator) -> tuple[np.nd
         angle, period, phase = rng.uniform(0, np.pi), rng.uniform(5.0, 7.0), rng.uniform(0, 2 * np.pi)
         tone = rng.uniform(0.36, 0.48)
         reach = int(major) + 4                            # the ellipse grown by 2 px fits in this box
-        r0, r1, c0, c1 = max(0, row - reach), min(height, row + reach + 1), max(0, col - reach), min(width, col + reach + 1)
+        r0, r1 = max(0, row - reach), min(height, row + reach + 1)
+        c0, c1 = max(0, col - reach), min(width, col + reach + 1)
         dr, dc = np.ogrid[r0 - row:r1 - row, c0 - col:c1 - col]
         along = dr * np.cos(angle) + dc * np.sin(angle)
         across = -dr * np.sin(angle) + dc * np.cos(angle)
@@ -544,7 +545,8 @@ class ClassLabels:
                             f"got {classes!r}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)) or \
                 not classes <= ignore_index <= 255:
-            raise DataError(f"ignore_index must be a whole number in {classes}..255 (not a class), got {ignore_index!r}")
+            raise DataError(f"ignore_index must be a whole number in {classes}..255 (not a class), "
+                            f"got {ignore_index!r}")
         rules = cls(int(classes), int(ignore_index))
         for candidate in tables or (folder.parent / CLASS_TABLE, folder / CLASS_TABLE):
             if candidate.is_file():
@@ -726,14 +728,22 @@ def save_png(array: np.ndarray, path) -> None:
 
 def save_folder(dataset: Dataset, path) -> Path:
     """Write a labelled dataset in zhixuhao/unet's layout: path/image/<name>.png and
-    path/label/<name>.png (255 = cell, 0 = membrane). load_folder reads it back exactly when
-    images are multiples of 1/255 (synthetic ones are). Proof: test_load_folder_roundtrip_natural_order.
+    path/label/<name>.png: binary (classes = 1) as 255 = cell, 0 = membrane; K classes as
+    palette PNGs (index = class, the dataset's palette) with path/classes.json (names and
+    colours). load_folder(path, classes=dataset.classes) reads it back exactly when images are
+    multiples of 1/255 (synthetic ones are). Proof: test_load_folder_roundtrip_natural_order,
+    test_save_folder_of_class_maps_round_trips.
     """
     root = Path(path)
     for index, name in enumerate(dataset.names):
         save_png(np.round(dataset.images[index] * 255).astype(np.uint8), root / "image" / f"{name}.png")
-        if dataset.labelled:
+        if dataset.labelled and dataset.classes == 1:
             save_png(label_from_target(dataset.targets[index]), root / "label" / f"{name}.png")
+        elif dataset.labelled:
+            save_label_png(dataset.targets[index], root / "label" / f"{name}.png", dataset.palette,
+                           dataset.ignore_index)
+    if dataset.labelled and dataset.classes >= 2:
+        write_class_table(root / CLASS_TABLE, dataset.class_names, dataset.palette)
     return root
 
 
