@@ -9,8 +9,19 @@ Label FILES follow the ISBI 2012 challenge: 255 = cell, 0 = membrane. So a label
 becomes the target t = (L == 0). Files with {0, 1} values are read the same way (1 = cell,
 0 = membrane); any other value is refused, since it means a JPEG-compressed or resized label.
 
+K classes (classes = K >= 2, everywhere a classes= argument is taken):
+
+    target  (H, W) uint8 class map, values 0..K-1, or ignore_index (255: a pixel not scored)
+    batches of random_crops: targets (B, H, W) int64 (softmax_cross_entropy's labels form)
+
+label files are index PNG/TIFFs (value = class), palette PNGs (index = class, the palette kept
+as Dataset.palette) or RGB colour maps with a classes.json class table (tinyunet/classes.py);
+synthetic_cells(count) is the 3-class EM set (cytoplasm, membrane, mitochondrion) and
+binary_as_classes turns a binary dataset into a 2-class one (cell, membrane).
+
 A Dataset holds images, targets (empty for unlabelled images) and names. Sources:
     synthetic_membranes(count)           EM-like slices generated here, no files needed (the default)
+    synthetic_cells(count)               the same with 3 classes: cytoplasm, membrane, mitochondrion
     load_folder(path)                    path/image/N.png + path/label/N.png (zhixuhao/unet's layout)
     load_image_folder(path)              images only, for prediction
     load_tiff_stack(images, labels)      multi-page TIFFs (the challenge's train-volume.tif)
@@ -18,7 +29,7 @@ A Dataset holds images, targets (empty for unlabelled images) and names. Sources
     resolve_data(spec)                   one entry point: "synthetic", "isbi2012", a folder, TIFFs
 Training helpers: border_weight_map (the U-Net paper's weights) and random_crops / batches.
 
-Proofs: tests/test_data.py.
+Proofs: tests/test_data.py, tests/test_multiclass_data.py (K classes).
 """
 from __future__ import annotations
 
@@ -668,9 +679,10 @@ def load_folder(path, classes: int = 1, ignore_index: int = 255) -> Dataset:
     Refuses, naming the files: images without labels and the reverse, image/label size
     mismatches, label values other than {0, 255} / {0, 1} (binary) or outside 0..K-1 and the
     ignore value (K classes), colours not in the class table, RGB labels without one, and
-    0/255 membrane labels read with K classes. unreadable files.
+    0/255 membrane labels read with K classes, and unreadable files.
     Proofs: test_load_folder_roundtrip_natural_order, test_unpaired_files_are_listed,
-    test_size_mismatch_is_named, test_load_real_isbi_folder.
+    test_size_mismatch_is_named, test_load_real_isbi_folder; K classes: test_label_formats_read_the_same,
+    test_label_errors_are_named.
     """
     root = _existing_folder(path, "data folder")
     image_dir, label_dir = root / "image", root / "label"

@@ -37,8 +37,13 @@ with S the predicted and T the true segmentation, H the entropy and I the mutual
 of the pixel distributions. Both are 1 for identical segmentations, lower for splits and merges.
 A truth without any cell pixel scores 1.0 (nothing to segment), as do two one-cell partitions.
 
+K classes (the second half of this file): confusion_matrix, class_scores (the FCN paper's
+four scores, per-class IoU, precision, recall), class_report_table, and the baselines
+kmeans_baseline + match_clusters and majority_baseline, with evaluate_classes for all at once;
+save_confusion_png (from tinyunet/classes.py) draws the matrix.
+
 Proofs: tests/test_metrics.py (hand-computed 3x3 and 4x4 examples, empty masks, splits and
-merges, Otsu against a brute-force search).
+merges, Otsu against a brute-force search), tests/test_multiclass_metrics.py (K classes).
 """
 from __future__ import annotations
 
@@ -428,7 +433,7 @@ def confusion_matrix(pred, target, classes: int, ignore_index: int = 255) -> np.
 
     pred: class map (H, W) or stack (N, H, W) / (N, 1, H, W), integers 0..K-1; target: the
     same shape, 0..K-1 or ignore_index (those pixels are not counted). One np.bincount of
-    i * K + j. Proof: test_confusion_matrix_by_hand, test_confusion_matches_loops.
+    i * K + j. Proof: test_confusion_matrix_by_hand, test_confusion_and_scores_match_loops.
     """
     classes = _check_classes(classes)
     pred = _class_map("pred", pred, classes, None)
