@@ -3,9 +3,10 @@
 The classic U-Net bug is an image and its mask augmented by two generators that drift apart.
 Here every sample draws its parameters ONCE from one generator, builds ONE sampling-coordinate
 map, and both arrays are read through that same map: the image with linear (or cubic)
-interpolation, the mask with nearest neighbour so it stays binary.
+interpolation, the mask with nearest neighbour so it stays binary (or, for K classes, holds
+only the class indices and ignore value it held: labels are copied, never blended).
 
-    image: (H, W) float in [0, 1]      mask: (H, W) with values {0, 1}      rng: np.random.Generator
+    image: (H, W) float in [0, 1]      mask: (H, W) {0, 1}, or an integer class map      rng: np.random.Generator
     Augmenter("elastic")(image, mask, rng) -> (image', mask'), same shapes and dtypes
 
 What a sample goes through, in this order:
@@ -33,7 +34,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 from scipy import ndimage
 
-FILL_MODES = ("reflect", "mirror", "nearest", "wrap")
+FILL_MODES = ("reflect", "mirror", "nearest", "wrap", "constant")
 
 
 class AugmentError(ValueError):
@@ -140,14 +141,17 @@ def elastic_displacement(shape: tuple[int, int], sigma: float, rng: np.random.Ge
 
 
 def warp(image: np.ndarray, mask: np.ndarray, coordinates: np.ndarray, image_order: int = 1,
-         fill_mode: str = "reflect") -> tuple[np.ndarray, np.ndarray]:
+         fill_mode: str = "reflect", mask_fill: float = 0) -> tuple[np.ndarray, np.ndarray]:
     """Read image and mask through the same coordinates (2, H, W): image with spline order
-    image_order (values clipped to [0, 1], cubic splines overshoot), mask with order 0.
-
-    Proof: test_every_preset_moves_image_and_mask_together.
+    image_order (values clipped to [0, 1], cubic splines overshoot), mask with order 0, i.e.
+    nearest neighbour, so a class map only ever holds values it held before: labels are
+    copied, never blended. fill_mode "constant" reads 0 for the image and mask_fill for the
+    mask outside the input (the ignore value for class maps); the other modes never read
+    outside. Proof: test_every_preset_moves_image_and_mask_together,
+    test_class_maps_keep_their_values, test_constant_fill_marks_outside_as_ignore.
     """
     warped_image = ndimage.map_coordinates(image, coordinates, order=image_order, mode=fill_mode)
-    warped_mask = ndimage.map_coordinates(mask, coordinates, order=0, mode=fill_mode)
+    warped_mask = ndimage.map_coordinates(mask, coordinates, order=0, mode=fill_mode, cval=mask_fill)
     return np.clip(warped_image, 0, 1, out=warped_image), warped_mask
 
 
@@ -215,7 +219,11 @@ class Augmenter:
             gamma=float(np.exp(rng.uniform(-c.gamma, c.gamma))),
         )
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+    def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+                 ignore_index: int | None = None):
+        """image (H, W) float, mask (H, W): a {0, 1} membrane mask or an integer class map.
+        ignore_index: for class maps, the value given to pixels that fill_mode "constant"
+        brings in from outside the input (default 0, the binary mask's cell)."""
         _check_pair(image, mask, rng)
         d = self.draw(image.shape, rng)
         if d.flip_rows:
@@ -228,7 +236,8 @@ class Augmenter:
             coordinates = affine_coordinates(image.shape, d.rotation_degrees, d.shift, d.shear_degrees, d.zoom)
             if d.elastic is not None:
                 coordinates += d.elastic
-            image, mask = warp(image, mask, coordinates, self.config.image_order, self.config.fill_mode)
+            image, mask = warp(image, mask, coordinates, self.config.image_order, self.config.fill_mode,
+                               0 if ignore_index is None else ignore_index)
         image = np.ascontiguousarray(image)
         if d.contrast != 1 or d.brightness or d.gamma != 1:
             image = _grey_values(image, d)

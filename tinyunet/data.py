@@ -9,8 +9,19 @@ Label FILES follow the ISBI 2012 challenge: 255 = cell, 0 = membrane. So a label
 becomes the target t = (L == 0). Files with {0, 1} values are read the same way (1 = cell,
 0 = membrane); any other value is refused, since it means a JPEG-compressed or resized label.
 
+K classes (classes = K >= 2, everywhere a classes= argument is taken):
+
+    target  (H, W) uint8 class map, values 0..K-1, or ignore_index (255: a pixel not scored)
+    batches of random_crops: targets (B, H, W) int64 (softmax_cross_entropy's labels form)
+
+label files are index PNG/TIFFs (value = class), palette PNGs (index = class, the palette kept
+as Dataset.palette) or RGB colour maps with a classes.json class table (tinyunet/classes.py);
+synthetic_cells(count) is the 3-class EM set (cytoplasm, membrane, mitochondrion) and
+binary_as_classes turns a binary dataset into a 2-class one (cell, membrane).
+
 A Dataset holds images, targets (empty for unlabelled images) and names. Sources:
     synthetic_membranes(count)           EM-like slices generated here, no files needed (the default)
+    synthetic_cells(count)               the same with 3 classes: cytoplasm, membrane, mitochondrion
     load_folder(path)                    path/image/N.png + path/label/N.png (zhixuhao/unet's layout)
     load_image_folder(path)              images only, for prediction
     load_tiff_stack(images, labels)      multi-page TIFFs (the challenge's train-volume.tif)
@@ -18,7 +29,7 @@ A Dataset holds images, targets (empty for unlabelled images) and names. Sources
     resolve_data(spec)                   one entry point: "synthetic", "isbi2012", a folder, TIFFs
 Training helpers: border_weight_map (the U-Net paper's weights) and random_crops / batches.
 
-Proofs: tests/test_data.py.
+Proofs: tests/test_data.py, tests/test_multiclass_data.py (K classes).
 """
 from __future__ import annotations
 
@@ -38,6 +49,9 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 from scipy import ndimage
 from tqdm import tqdm
 
+from tinyunet.augment import Augmenter
+from tinyunet.classes import (ClassError, check_palette, default_palette, labels_from_colors,
+                              read_class_table, save_label_png, write_class_table)
 from tinyunet.files import atomic_write
 
 DEFAULT_ISBI_URL = "https://raw.githubusercontent.com/zhixuhao/unet/master/data/membrane"
@@ -67,12 +81,25 @@ class ChecksumError(DataError):
 class Dataset:
     """Images with their targets and names; targets is empty for unlabelled data.
 
-    images[i]: (H_i, W_i) float32 in [0, 1]; targets[i]: same shape, float32 {0, 1} with
-    1 = membrane; names[i]: a file stem such as "7". Sizes may differ between items.
+    images[i]: (H_i, W_i) float32 in [0, 1]; names[i]: a file stem such as "7". Sizes may
+    differ between items. The targets depend on classes:
+
+        classes = 1 (binary, the default): targets[i] float32 {0, 1}, 1 = membrane
+        classes = K >= 2: targets[i] uint8 class maps, values 0..K-1 or ignore_index
+                          (pixels not scored; 255 by default, as FCN's "void")
+
+    class_names: K names (for classes = 1 the two target values: ("cell", "membrane")).
+    palette: (K, 3) uint8 colours for outputs (kept from palette PNGs or classes.json;
+    default tinyunet.classes.default_palette). Integer targets of another dtype are stored
+    as uint8; values outside the classes are refused (check_target).
     """
     images: list[np.ndarray]
     targets: list[np.ndarray] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    classes: int = 1
+    class_names: tuple[str, ...] = ()
+    palette: np.ndarray | None = field(default=None, compare=False)
+    ignore_index: int = 255
 
     def __post_init__(self):
         if not self.names:
@@ -80,12 +107,35 @@ class Dataset:
         if len(self.names) != len(self.images) or len(self.targets) not in (0, len(self.images)):
             raise DataError(f"a Dataset needs one name (and one target, if any) per image: got "
                             f"{len(self.images)} images, {len(self.targets)} targets, {len(self.names)} names")
+        self._check_classes()
         for image, name in zip(self.images, self.names):
             check_image(image, f"item {name!r}")
-        for image, target, name in zip(self.images, self.targets, self.names):
-            check_target(target, f"item {name!r}")
+        for index, (image, target, name) in enumerate(zip(self.images, self.targets, self.names)):
+            check_target(target, f"item {name!r}", self.classes, self.ignore_index)
             if image.shape != target.shape:
                 raise DataError(f"item {name!r}: image {image.shape} and target {target.shape} differ in shape")
+            if self.classes >= 2 and target.dtype != np.uint8:
+                self.targets[index] = target.astype(np.uint8)
+
+    def _check_classes(self) -> None:
+        k = self.classes
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= 255:
+            raise DataError(f"classes must be a whole number from 1 (binary membrane) to 255, got {k!r}")
+        self.classes = int(k)
+        ignore = self.ignore_index
+        if isinstance(ignore, bool) or not isinstance(ignore, (int, np.integer)) or not k <= ignore <= 255:
+            raise DataError(f"ignore_index must be a whole number in {k}..255 (not a class index, and it must "
+                            f"fit the uint8 class maps), got {ignore!r}")
+        self.ignore_index = int(ignore)
+        values = 2 if k == 1 else k
+        if not self.class_names:
+            self.class_names = ("cell", "membrane") if k == 1 else tuple(f"class {c}" for c in range(k))
+        self.class_names = tuple(str(name) for name in self.class_names)
+        if len(self.class_names) != values:
+            raise DataError(f"{values} class names expected for classes={k}, got {len(self.class_names)}: "
+                            f"{list(self.class_names)}")
+        self.palette = default_palette(values) if self.palette is None else \
+            check_palette(self.palette, values, "Dataset palette")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -95,11 +145,24 @@ class Dataset:
         return bool(self.targets)
 
     def split(self, indices: Sequence[int]) -> "Dataset":
-        """The items at indices, in that order, e.g. dataset.split(range(20)). Proof: test_split_picks_items."""
+        """The items at indices, in that order, e.g. dataset.split(range(20)); classes, class names,
+        palette and ignore value are kept. Proof: test_split_picks_items, test_split_keeps_the_classes."""
         indices = list(indices)
         return Dataset(images=[self.images[i] for i in indices],
                        targets=[self.targets[i] for i in indices] if self.targets else [],
-                       names=[self.names[i] for i in indices])
+                       names=[self.names[i] for i in indices], classes=self.classes,
+                       class_names=self.class_names, palette=self.palette, ignore_index=self.ignore_index)
+
+
+def binary_as_classes(dataset: Dataset) -> Dataset:
+    """A binary membrane dataset (classes = 1) as a 2-class one for softmax models (FCN, SegNet):
+    targets uint8 with 0 = cell (cytoplasm, background), 1 = membrane. Images and names are
+    shared, not copied. Proof: test_binary_as_classes."""
+    if dataset.classes != 1:
+        raise DataError(f"binary_as_classes takes a binary membrane dataset (classes=1), got classes="
+                        f"{dataset.classes}; it already holds class maps")
+    return Dataset(dataset.images, [(t > 0.5).astype(np.uint8) for t in dataset.targets], list(dataset.names),
+                   classes=2, class_names=("cell", "membrane"), ignore_index=dataset.ignore_index)
 
 
 def check_image(image, source: str = "image") -> None:
@@ -122,19 +185,34 @@ def check_image(image, source: str = "image") -> None:
         raise DataError(f"{source}: values run from {low:g} to {high:g}, outside [0, 1]{hint}")
 
 
-def check_target(target, source: str = "target") -> None:
-    """Refuse, naming ``source``, a target that is not (H, W) with values {0, 1} only (1 = membrane).
-    Proof: test_bad_images_and_targets_are_named."""
+def check_target(target, source: str = "target", classes: int = 1, ignore_index: int = 255) -> None:
+    """Refuse, naming ``source``, a target that is not (H, W) with the values of its kind:
+    classes = 1: {0, 1} only (1 = membrane); classes = K >= 2: integers 0..K-1 or ignore_index.
+    Proof: test_bad_images_and_targets_are_named, test_class_targets_out_of_range_are_named."""
     if not isinstance(target, np.ndarray) or target.ndim != 2:
         what = f"shape {target.shape}" if isinstance(target, np.ndarray) else type(target).__name__
         raise DataError(f"{source}: expected one (H, W) target as a NumPy array, got {what}")
+    if classes >= 2:
+        if target.dtype.kind not in "ui":
+            raise DataError(f"{source}: with classes={classes} a target is an integer class map (uint8), got dtype "
+                            f"{target.dtype}; for a binary 0/1 membrane target use classes=1 or binary_as_classes")
+        bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+        if bad.any():
+            values = np.unique(target[bad])
+            shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
+            raise DataError(f"{source}: {int(bad.sum())} pixels hold values [{shown}] outside the {classes} classes "
+                            f"0..{classes - 1} and the ignore value {ignore_index}; pass --classes "
+                            f"{int(values.max()) + 1} (classes={int(values.max()) + 1}) if those are classes, or "
+                            f"set them to the ignore value {ignore_index} if they are unlabelled")
+        return
     if target.dtype.kind not in "fuib":
         raise DataError(f"{source}: a target must be numeric, got dtype {target.dtype}")
     if not np.isin(target, (0, 1)).all():
         odd = target[~np.isin(target, (0, 1))]
         shown = ", ".join(f"{v:g}" for v in np.unique(odd)[:5])
         raise DataError(f"{source}: a target holds 1 (membrane) and 0 (cell) only, found [{shown}]; convert "
-                        f"label files with target_from_label (255 = cell, 0 = membrane)")
+                        f"label files with target_from_label (255 = cell, 0 = membrane), or pass --classes K "
+                        f"for class maps")
 
 
 def target_from_label(label: np.ndarray, source: str = "label") -> np.ndarray:
@@ -219,14 +297,15 @@ def _membranes(cells: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return band | (distance <= 1)  # never thinner than 3 px, so every cell stays closed
 
 
-def _organelles(membrane: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Dark ellipses inside cells (vesicles, mitochondria) covering 10-15 % of the pixels,
-    each kept at least 2.5 px from any membrane so the label stays unambiguous."""
+def _organelles(membrane: np.ndarray, rng: np.random.Generator, share=(0.10, 0.15)) -> np.ndarray:
+    """Dark ellipses inside cells (vesicles, mitochondria) covering a share drawn from
+    ``share`` (10-15 %) of the pixels, each kept at least 2.5 px from any pixel of ``membrane``
+    (any mask to keep clear of) so the label stays unambiguous."""
     height, width = membrane.shape
     clearance = ndimage.distance_transform_edt(~membrane)
     room = np.flatnonzero(clearance >= 5.0)            # centres where a 2.5-px blob fits
     blobs = np.zeros(membrane.shape, bool)
-    covered, wanted = 0, rng.uniform(0.10, 0.15) * membrane.size
+    covered, wanted = 0, rng.uniform(*share) * membrane.size
     while covered < wanted and room.size:
         row, col = divmod(int(room[rng.integers(room.size)]), width)
         major = rng.uniform(2.5, min(9.0, clearance[row, col] - 2.5))
@@ -244,10 +323,61 @@ def _organelles(membrane: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return blobs
 
 
-def _synthetic_slice(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+RIM_TONE = 0.18
+
+
+def _mitochondria(membrane: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Mitochondria-like organelles inside cells: (mask (H, W) bool, texture (H, W) float64).
+
+    Elongated ellipses (semi-axes 6-13 px by 3.5-6.5 px, any orientation) covering about a
+    share drawn from [0.08, 0.12] of the pixels, each kept at least 3 px from every membrane
+    and 2 px from every other mitochondrion, so each lies inside one cell and touches nothing.
+    texture is a grey level over each one: a dark matrix (0.36-0.48) crossed by darker cristae
+    (stripes across the long axis, 5-7 px apart) inside a dark rim (the double outer membrane).
+    """
+    height, width = membrane.shape
+    clearance = ndimage.distance_transform_edt(~membrane)
+    room = np.flatnonzero(clearance >= 7.0)              # centres where at least a small one fits
+    mask = np.zeros(membrane.shape, bool)
+    texture = np.full(membrane.shape, RIM_TONE)          # so soft edges blend towards the rim
+    covered, wanted = 0, rng.uniform(0.08, 0.12) * membrane.size
+    for _ in range(400):                                  # attempts; most succeed
+        if covered >= wanted or not room.size:
+            break
+        row, col = divmod(int(room[rng.integers(room.size)]), width)
+        major, minor = rng.uniform(6.0, 13.0), rng.uniform(3.5, 6.5)
+        angle, period, phase = rng.uniform(0, np.pi), rng.uniform(5.0, 7.0), rng.uniform(0, 2 * np.pi)
+        tone = rng.uniform(0.36, 0.48)
+        reach = int(major) + 4                            # the ellipse grown by 2 px fits in this box
+        r0, r1 = max(0, row - reach), min(height, row + reach + 1)
+        c0, c1 = max(0, col - reach), min(width, col + reach + 1)
+        dr, dc = np.ogrid[r0 - row:r1 - row, c0 - col:c1 - col]
+        along = dr * np.cos(angle) + dc * np.sin(angle)
+        across = -dr * np.sin(angle) + dc * np.cos(angle)
+        radius = np.sqrt((along / major) ** 2 + (across / minor) ** 2)
+        shape = radius <= 1
+        grown = (along / (major + 2)) ** 2 + (across / (minor + 2)) ** 2 <= 1     # 2 px around it
+        if mask[r0:r1, c0:c1][grown].any() or clearance[r0:r1, c0:c1][shape].min(initial=99) < 3:
+            continue
+        cristae = 0.5 + 0.5 * np.cos(2 * np.pi * along / period + phase)      # 1 on a crista
+        grey = np.where(radius > 0.7, RIM_TONE, tone - 0.22 * cristae)
+        texture[r0:r1, c0:c1][shape] = grey[shape]
+        mask[r0:r1, c0:c1] |= shape
+        covered += int(shape.sum())
+    return mask, texture
+
+
+def _synthetic_slice(size: int, rng: np.random.Generator, with_mitochondria: bool = False):
+    """One slice: (image (H, W) float32, membrane (H, W) float32) or, with_mitochondria, (image,
+    class map uint8: 0 cytoplasm, 1 membrane, 2 mitochondrion). Without mitochondria the random
+    draws are exactly those of the binary generator, so its slices never change."""
     cells = _voronoi_cells(size, rng)
     membrane = _membranes(cells, rng)
-    blobs = _organelles(membrane, rng)
+    if with_mitochondria:
+        mitochondria, texture = _mitochondria(membrane, rng)
+        blobs = _organelles(membrane | mitochondria, rng, share=(0.02, 0.04))   # small dark vesicles
+    else:
+        blobs = _organelles(membrane, rng)
     # Cells: one grey level each plus fine texture; some cells are as dark as faint membrane.
     image = rng.uniform(0.55, 0.8, cells.max() + 1)[cells]
     image = image + 0.15 * ndimage.gaussian_filter(rng.standard_normal(cells.shape), 2)
@@ -257,11 +387,17 @@ def _synthetic_slice(size: int, rng: np.random.Generator) -> tuple[np.ndarray, n
     image = image * (1 - soft_membrane) + membrane_tone * soft_membrane
     soft_blobs = ndimage.gaussian_filter(blobs.astype(np.float64), 0.8)
     image = image * (1 - soft_blobs) + rng.uniform(0.12, 0.32) * soft_blobs
+    if with_mitochondria:
+        soft_mito = ndimage.gaussian_filter(mitochondria.astype(np.float64), 0.7)
+        image = image * (1 - soft_mito) + texture * soft_mito
     # Uneven illumination over the whole slice, then the microscope's blur and noise.
     image = image * (1 + 0.2 * _smooth_noise(cells.shape, size / 1.5, rng))
     image = ndimage.gaussian_filter(image, 1.0) + rng.normal(0, 0.05, cells.shape)
     # Quantised to 8 bits, so saving as PNG and loading back gives the same numbers.
     image = np.round(np.clip(image, 0, 1) * 255) / 255
+    if with_mitochondria:
+        labels = membrane.astype(np.uint8) + 2 * mitochondria.astype(np.uint8)
+        return image.astype(np.float32), labels
     return image.astype(np.float32), membrane.astype(np.float32)
 
 
@@ -284,6 +420,35 @@ def synthetic_membranes(count: int, size: int = 256, seed: int = 0) -> Dataset:
         images.append(image)
         targets.append(target)
     return Dataset(images, targets, [f"synthetic_{index:03d}" for index in range(int(count))])
+
+
+CELL_CLASS_NAMES = ("cytoplasm", "membrane", "mitochondrion")
+
+
+def synthetic_cells(count: int, size: int = 256, seed: int = 0) -> Dataset:
+    """count EM-like slices (size, size) with 3-class targets, generated here (no download):
+
+        0 cytoplasm (everything inside cells, small dark vesicles included)
+        1 membrane (as in synthetic_membranes)
+        2 mitochondrion: elongated, dark, textured with cristae-like stripes and a dark rim,
+          inside cells and at least 3 px from any membrane (see _mitochondria)
+
+    The cells, membranes, tones, illumination, blur and noise are those of synthetic_membranes;
+    vesicles (2-4 % of pixels, dark like mitochondria but small, round and plain) keep a grey
+    threshold from finding the mitochondria. Targets uint8 (H, W); classes=3, class_names
+    CELL_CLASS_NAMES, default palette. Slice i depends only on (seed, i); the random stream
+    differs from synthetic_membranes' (seeded with an extra 3), so the slices differ from it.
+    Proof: test_synthetic_cells_classes_and_shapes, test_synthetic_binary_generator_unchanged.
+    """
+    if int(count) < 1 or int(size) < 32:
+        raise DataError(f"synthetic_cells needs count >= 1 and size >= 32, got count={count}, size={size}")
+    images, targets = [], []
+    for index in range(int(count)):
+        image, target = _synthetic_slice(int(size), np.random.default_rng([int(seed), index, 3]), True)
+        images.append(image)
+        targets.append(target)
+    return Dataset(images, targets, [f"cells_{index:03d}" for index in range(int(count))], classes=3,
+                   class_names=CELL_CLASS_NAMES)
 
 
 # -------------------------------------------------------------------------------- image files
@@ -366,6 +531,114 @@ def read_target(path) -> np.ndarray:
     return target_from_label(_label_values(_open(path)), str(path))
 
 
+CLASS_TABLE = "classes.json"
+
+
+@dataclass
+class ClassLabels:
+    """How K-class label files are read: classes K, the ignore value, and the class table
+    (names, palette, ignore colour) of a classes.json when there is one."""
+    classes: int
+    ignore_index: int = 255
+    names: tuple[str, ...] = ()
+    palette: np.ndarray | None = None
+    ignore_color: tuple | None = None
+    table_path: Path | None = None
+    kinds: set = field(default_factory=set)          # "grey", "palette", "rgb": what was read
+    file_palette: np.ndarray | None = None           # the first palette PNG's first K colours
+
+    @classmethod
+    def beside(cls, folder: Path, classes: int, ignore_index: int = 255, tables=None) -> "ClassLabels":
+        """The reading rules for labels in folder: the first class table found among tables
+        (default: folder/../classes.json, then folder/classes.json)."""
+        if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or not 2 <= classes <= 255:
+            raise DataError(f"classes must be a whole number from 2 to 255 for class maps (1 = binary membrane), "
+                            f"got {classes!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)) or \
+                not classes <= ignore_index <= 255:
+            raise DataError(f"ignore_index must be a whole number in {classes}..255 (not a class), "
+                            f"got {ignore_index!r}")
+        rules = cls(int(classes), int(ignore_index))
+        for candidate in tables or (folder.parent / CLASS_TABLE, folder / CLASS_TABLE):
+            if candidate.is_file():
+                try:
+                    rules.names, rules.palette, rules.ignore_color = read_class_table(candidate, classes)
+                except ClassError as error:
+                    raise DataError(str(error)) from None
+                rules.table_path = candidate
+                break
+        return rules
+
+    def read(self, page: Image.Image, source: str) -> np.ndarray:
+        """One label page -> (H, W) uint8 class map, values checked against the classes."""
+        if page.mode == "P":
+            self.kinds.add("palette")
+            values = np.asarray(page)
+            if self.file_palette is None:
+                colours = np.array(page.getpalette() or [], np.uint8).reshape(-1, 3)
+                if len(colours) >= self.classes:
+                    self.file_palette = colours[:self.classes]
+        elif page.mode in ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+            rgb = np.asarray(page.convert("RGB"))
+            if self.palette is not None:
+                self.kinds.add("rgb")
+                try:
+                    return labels_from_colors(rgb, self.palette, self.ignore_color, self.ignore_index, source)
+                except ClassError as error:
+                    raise DataError(str(error)) from None
+            if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+                raise DataError(f"label {source} is an RGB colour map but there is no class table: write "
+                                f"{CLASS_TABLE} beside the label folder, listing the classes in order as "
+                                '[{"name": "cytoplasm", "color": [0, 0, 0]}, ...], or save the labels as index '
+                                "or palette PNGs (pixel value = class)")
+            self.kinds.add("grey")
+            values = rgb[..., 0]
+        else:
+            self.kinds.add("grey")
+            values = _label_values(page)
+            if values.dtype.kind == "f":
+                if not np.isfinite(values).all() or (values != np.round(values)).any():
+                    raise DataError(f"label {source} holds fractional or NaN values; a class map holds the integers "
+                                    f"0..{self.classes - 1} (and {self.ignore_index} for unlabelled pixels)")
+                values = values.astype(np.int64)
+        bad = (values != self.ignore_index) & ((values < 0) | (values >= self.classes))
+        if bad.any():
+            found = np.unique(values[bad])
+            shown = ", ".join(str(v) for v in found[:8]) + (", ..." if found.size > 8 else "")
+            raise DataError(f"label {source}: {int(bad.sum())} pixels hold the values [{shown}], outside the "
+                            f"{self.classes} classes 0..{self.classes - 1} and the ignore value {self.ignore_index}; "
+                            f"pass --classes {int(found.max()) + 1} if they are classes, or set them to "
+                            f"{self.ignore_index} (the ignore value) if they are unlabelled")
+        return values.astype(np.uint8)
+
+    def check_not_binary(self, targets: list[np.ndarray], where) -> None:
+        """Refuse grey labels that hold only 0 and 255: ISBI-style binary membrane maps, which
+        with K classes would read as class 0 and "ignore"."""
+        if self.kinds != {"grey"} or self.ignore_index != 255 or not targets:
+            return
+        values = set()
+        for target in targets:
+            values |= set(np.unique(target).tolist())
+        if values == {0, 255}:
+            raise DataError(f"the labels of {where} hold only 0 and 255: binary membrane maps (ISBI: 255 = cell, "
+                            f"0 = membrane), not class maps. With --classes {self.classes} the 255 pixels would be "
+                            "ignored and all the rest read as class 0. Train them with --classes 1 (binary), or "
+                            "--classes 2 on 'isbi2012' / tinyunet.data.binary_as_classes(load_folder(path)) for a "
+                            "2-class model; or write class maps with values 0..K-1.")
+
+    def dataset(self, images, targets, names) -> Dataset:
+        palette = self.palette if self.palette is not None else self.file_palette
+        return Dataset(images, targets, names, classes=self.classes, class_names=self.names, palette=palette,
+                       ignore_index=self.ignore_index)
+
+
+def read_class_target(path, classes: int, ignore_index: int = 255) -> np.ndarray:
+    """A K-class label file (index PNG/TIFF, palette PNG, or RGB with a classes.json beside its
+    folder) as (H, W) uint8, values 0..K-1 or ignore_index. Proof: test_label_formats_read_the_same."""
+    path = Path(path)
+    return ClassLabels.beside(path.parent, classes, ignore_index).read(_open(path), str(path))
+
+
 def _image_files(folder: Path) -> dict[str, Path]:
     """Image files of a folder by stem, hidden files and other suffixes ignored."""
     by_stem: dict[str, Path] = {}
@@ -391,14 +664,25 @@ def _listing(names: list[str], limit: int = 10) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
-def load_folder(path) -> Dataset:
+def load_folder(path, classes: int = 1, ignore_index: int = 255) -> Dataset:
     """A labelled folder in zhixuhao/unet's layout: path/image/<name>.png, path/label/<name>.png.
 
     Images and labels pair by file stem and are sorted naturally (0, 1, 2, ..., 10).
+    classes = 1: binary membrane labels (255 = cell, 0 = membrane, or {0, 1}), as always.
+    classes = K >= 2: class maps, each label file one of
+        an index PNG/TIFF (8 or 16 bit grey): pixel value = class;
+        a palette ("P" mode) PNG: palette index = class; the palette's first K colours become
+            the dataset's palette (unless a class table gives one);
+        an RGB PNG: colours mapped through path/classes.json (or label/classes.json), see
+            tinyunet.classes.read_class_table; the table also gives the class names;
+    ignore_index (255) marks unscored pixels and passes through.
     Refuses, naming the files: images without labels and the reverse, image/label size
-    mismatches, label values other than {0, 255} / {0, 1}, unreadable files.
+    mismatches, label values other than {0, 255} / {0, 1} (binary) or outside 0..K-1 and the
+    ignore value (K classes), colours not in the class table, RGB labels without one, and
+    0/255 membrane labels read with K classes, and unreadable files.
     Proofs: test_load_folder_roundtrip_natural_order, test_unpaired_files_are_listed,
-    test_size_mismatch_is_named, test_load_real_isbi_folder.
+    test_size_mismatch_is_named, test_load_real_isbi_folder; K classes: test_label_formats_read_the_same,
+    test_label_errors_are_named.
     """
     root = _existing_folder(path, "data folder")
     image_dir, label_dir = root / "image", root / "label"
@@ -415,9 +699,11 @@ def load_folder(path) -> Dataset:
         raise DataError("; ".join(problems) + ". Images and labels pair by file name; add or remove the odd ones.")
     if not images:
         raise DataError(f"{image_dir} holds no images (looked for {', '.join(IMAGE_SUFFIXES)}).")
+    rules = ClassLabels.beside(label_dir, classes, ignore_index) if classes != 1 else None
     dataset = Dataset([], [], [])
     for name in sorted(images, key=natural_key):
-        image, target = read_image(images[name]), read_target(labels[name])
+        image = read_image(images[name])
+        target = read_target(labels[name]) if rules is None else rules.read(_open(labels[name]), str(labels[name]))
         if image.shape != target.shape:
             raise DataError(f"image {images[name]} is {image.shape[0]}x{image.shape[1]} (height x width) but "
                             f"its label {labels[name]} is {target.shape[0]}x{target.shape[1]}; they must match "
@@ -425,7 +711,10 @@ def load_folder(path) -> Dataset:
         dataset.images.append(image)
         dataset.targets.append(target)
         dataset.names.append(name)
-    return dataset
+    if rules is None:
+        return dataset
+    rules.check_not_binary(dataset.targets, label_dir)
+    return rules.dataset(dataset.images, dataset.targets, dataset.names)
 
 
 def load_image_folder(path) -> Dataset:
@@ -451,14 +740,22 @@ def save_png(array: np.ndarray, path) -> None:
 
 def save_folder(dataset: Dataset, path) -> Path:
     """Write a labelled dataset in zhixuhao/unet's layout: path/image/<name>.png and
-    path/label/<name>.png (255 = cell, 0 = membrane). load_folder reads it back exactly when
-    images are multiples of 1/255 (synthetic ones are). Proof: test_load_folder_roundtrip_natural_order.
+    path/label/<name>.png: binary (classes = 1) as 255 = cell, 0 = membrane; K classes as
+    palette PNGs (index = class, the dataset's palette) with path/classes.json (names and
+    colours). load_folder(path, classes=dataset.classes) reads it back exactly when images are
+    multiples of 1/255 (synthetic ones are). Proof: test_load_folder_roundtrip_natural_order,
+    test_save_folder_of_class_maps_round_trips.
     """
     root = Path(path)
     for index, name in enumerate(dataset.names):
         save_png(np.round(dataset.images[index] * 255).astype(np.uint8), root / "image" / f"{name}.png")
-        if dataset.labelled:
+        if dataset.labelled and dataset.classes == 1:
             save_png(label_from_target(dataset.targets[index]), root / "label" / f"{name}.png")
+        elif dataset.labelled:
+            save_label_png(dataset.targets[index], root / "label" / f"{name}.png", dataset.palette,
+                           dataset.ignore_index)
+    if dataset.labelled and dataset.classes >= 2:
+        write_class_table(root / CLASS_TABLE, dataset.class_names, dataset.palette)
     return root
 
 
@@ -476,9 +773,12 @@ def _tiff_pages(path: Path) -> list[Image.Image]:
         raise DataError(f"cannot read the TIFF stack {path} ({type(error).__name__}: {error}).") from None
 
 
-def load_tiff_stack(image_path, label_path=None) -> Dataset:
+def load_tiff_stack(image_path, label_path=None, classes: int = 1, ignore_index: int = 255) -> Dataset:
     """Multi-page TIFF stacks (the challenge's train-volume.tif / train-labels.tif): one
     item per page, named <stem>_<page>. Labels optional; page counts and sizes must agree.
+    classes = 1: binary membrane labels as in load_folder; K >= 2: label pages are class
+    maps (index values 0..K-1, or ignore_index; palette pages and a classes.json beside the
+    label file are read as in load_folder).
     Proof: test_tiff_stack_roundtrip_and_mismatch.
     """
     image_path = Path(image_path)
@@ -488,17 +788,22 @@ def load_tiff_stack(image_path, label_path=None) -> Dataset:
     targets = []
     if label_path is not None:
         label_path = Path(label_path)
+        rules = ClassLabels.beside(label_path.parent, classes, ignore_index, tables=[label_path.parent / CLASS_TABLE]) \
+            if classes != 1 else None
         label_pages = _tiff_pages(label_path)
         if len(label_pages) != len(pages):
             raise DataError(f"{image_path} has {len(pages)} pages but {label_path} has {len(label_pages)}; "
                             "each image page needs its label page.")
         for index, (image, page) in enumerate(zip(images, label_pages)):
             source = f"{label_path} page {index}"
-            target = target_from_label(_label_values(page), source)
+            target = target_from_label(_label_values(page), source) if rules is None else rules.read(page, source)
             if target.shape != image.shape:
                 raise DataError(f"{image_path} page {index} is {image.shape[0]}x{image.shape[1]} (height x width) "
                                 f"but {source} is {target.shape[0]}x{target.shape[1]}; they must match.")
             targets.append(target)
+        if rules is not None:
+            rules.check_not_binary(targets, label_path)
+            return rules.dataset(images, targets, names)
     return Dataset(images, targets, names)
 
 
@@ -623,28 +928,41 @@ def download_isbi2012(cache_dir=None, base_url: str = DEFAULT_ISBI_URL, expected
 # ------------------------------------------------------------------------------ one entry point
 
 def resolve_data(spec="synthetic", *, labelled: bool = True, count: int = 30, size: int = 256, seed: int = 0,
-                 cache_dir=None) -> Dataset:
+                 cache_dir=None, classes: int = 1, ignore_index: int = 255) -> Dataset:
     """A Dataset from a spec, for scripts:
 
-        "synthetic"                    synthetic_membranes(count, size, seed)  (the default)
-        "isbi2012"                     download_isbi2012(cache_dir), then its train/ folder (30 slices)
+        "synthetic"                    synthetic_membranes(count, size, seed)  (the default);
+                                       classes=2: binary_as_classes of it; classes=3:
+                                       synthetic_cells(count, size, seed); other K refused
+        "isbi2012"                     download_isbi2012(cache_dir), then its train/ folder (30 slices);
+                                       classes=2: binary_as_classes of it
         a folder                       load_folder, or with labelled=False load_image_folder
                                        (of its image/ subfolder when there is one)
         (images.tif, labels.tif)       load_tiff_stack; also as one string "images.tif,labels.tif"
         images.tif with labelled=False load_tiff_stack without labels
-    Proof: test_resolve_data_specs.
+    classes and ignore_index go to load_folder / load_tiff_stack (K-class label files).
+    Proof: test_resolve_data_specs, test_resolve_data_classes.
     """
+    if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or not 1 <= classes <= 255:
+        raise DataError(f"classes must be a whole number from 1 (binary membrane) to 255, got {classes!r}")
     if isinstance(spec, str) and "," in spec:
         spec = tuple(part.strip() for part in spec.split(","))
     if isinstance(spec, (tuple, list)):
         if len(spec) != 2:
             raise DataError(f"a pair of TIFF stacks means (images.tif, labels.tif); got {len(spec)} paths: {spec}")
-        return load_tiff_stack(*spec)
+        return load_tiff_stack(*spec, classes=classes, ignore_index=ignore_index)
     text = str(spec)
-    if text == "synthetic":
-        return synthetic_membranes(count, size, seed)
-    if text == "isbi2012":
-        return load_folder(download_isbi2012(cache_dir) / "train")
+    if text in ("synthetic", "isbi2012"):
+        if classes not in ((1, 2, 3) if text == "synthetic" else (1, 2)):
+            offered = "1 (binary membrane), 2 (cell, membrane) or 3 (cytoplasm, membrane, mitochondrion)" \
+                if text == "synthetic" else "1 (binary membrane) or 2 (cell, membrane)"
+            raise DataError(f"the {text!r} data has classes {offered}, not {classes}; for other classes pass a "
+                            "folder of class maps (image/ and label/, with classes.json for RGB labels)")
+        if text == "synthetic" and classes == 3:
+            return synthetic_cells(count, size, seed)
+        binary = synthetic_membranes(count, size, seed) if text == "synthetic" else \
+            load_folder(download_isbi2012(cache_dir) / "train")
+        return binary_as_classes(binary) if classes == 2 else binary
     path = Path(text).expanduser()
     if not path.exists():
         raise DataNotFoundError(f"data {text!r} is not 'synthetic' or 'isbi2012', and {path.resolve()} does not "
@@ -656,7 +974,7 @@ def resolve_data(spec="synthetic", *, labelled: bool = True, count: int = 30, si
                             "for training, or labelled=False to predict on it.")
         return load_tiff_stack(path)
     if labelled:
-        return load_folder(path)
+        return load_folder(path, classes, ignore_index)
     return load_image_folder(path / "image" if (path / "image").is_dir() else path)
 
 
@@ -708,12 +1026,18 @@ def border_weight_map(target: np.ndarray, w0: float = 10.0, sigma: float = 5.0,
 
 def random_crops(dataset: Dataset, size: int, batch: int, rng: np.random.Generator,
                  augment: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One batch of random (size, size) crops: images (B, 1, s, s) and targets (B, 1, s, s), float32.
+    """One batch of random (size, size) crops, images (B, 1, s, s) float32, and targets:
+
+        classes = 1:       (B, 1, s, s) float32 {0, 1}  (bce_with_logits' form, as always)
+        classes = K >= 2:  (B, s, s) int64 class indices 0..K-1 or dataset.ignore_index
+                           (softmax_cross_entropy's labels form: no channel axis)
 
     Each crop picks an item uniformly, then a corner uniformly among those that fit; augment,
     when given, is called as augment(image, target, rng) -> (image, target) per crop (e.g.
-    tinyunet.augment.Augmenter). Everything random comes from rng.
-    Proof: test_random_crops_shapes_and_errors.
+    tinyunet.augment.Augmenter, which reads class maps by nearest neighbour; an Augmenter is
+    also given ignore_index for K classes, so pixels a "constant" warp brings in from outside
+    are ignored). Everything random comes from rng.
+    Proof: test_random_crops_shapes_and_errors, test_random_crops_of_class_maps.
     """
     if not dataset.labelled:
         raise DataError("random_crops needs a labelled dataset (targets); this one has images only.")
@@ -727,8 +1051,9 @@ def random_crops(dataset: Dataset, size: int, batch: int, rng: np.random.Generat
         h, w = dataset.images[smallest].shape
         raise DataError(f"crop size {size} is larger than image {dataset.names[smallest]!r} ({h}x{w}, height x width); "
                         f"choose a crop size <= {min(h, w)} (divisible by 16 for the U-Net).")
+    many = dataset.classes >= 2
     images = np.empty((batch, 1, size, size), np.float32)
-    targets = np.empty((batch, 1, size, size), np.float32)
+    targets = np.empty((batch, size, size), np.int64) if many else np.empty((batch, 1, size, size), np.float32)
     for b in range(batch):
         index = int(rng.integers(len(dataset)))
         height, width = dataset.images[index].shape
@@ -736,14 +1061,22 @@ def random_crops(dataset: Dataset, size: int, batch: int, rng: np.random.Generat
         image = dataset.images[index][top:top + size, left:left + size]
         target = dataset.targets[index][top:top + size, left:left + size]
         if augment is not None:
-            image, target = augment(image, target, rng)
-        images[b, 0], targets[b, 0] = image, target
+            if many and isinstance(augment, Augmenter):
+                image, target = augment(image, target, rng, ignore_index=dataset.ignore_index)
+            else:
+                image, target = augment(image, target, rng)
+        images[b, 0] = image
+        if many:
+            targets[b] = target
+        else:
+            targets[b, 0] = target
     return images, targets
 
 
 def batches(dataset: Dataset, size: int, batch: int, rng: np.random.Generator,
             augment: Callable | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """An endless stream of random_crops(dataset, size, batch, rng, augment).
+    """An endless stream of random_crops(dataset, size, batch, rng, augment): (images, targets)
+    with the shapes and dtypes random_crops gives for dataset.classes.
 
     Proof: test_random_crops_shapes_and_errors.
     """

@@ -37,8 +37,13 @@ with S the predicted and T the true segmentation, H the entropy and I the mutual
 of the pixel distributions. Both are 1 for identical segmentations, lower for splits and merges.
 A truth without any cell pixel scores 1.0 (nothing to segment), as do two one-cell partitions.
 
+K classes (the second half of this file): confusion_matrix, class_scores (the FCN paper's
+four scores, per-class IoU, precision, recall), class_report_table, and the baselines
+kmeans_baseline + match_clusters and majority_baseline, with evaluate_classes for all at once;
+save_confusion_png (from tinyunet/classes.py) draws the matrix.
+
 Proofs: tests/test_metrics.py (hand-computed 3x3 and 4x4 examples, empty masks, splits and
-merges, Otsu against a brute-force search).
+merges, Otsu against a brute-force search), tests/test_multiclass_metrics.py (K classes).
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ import numpy as np
 from scipy import ndimage
 
 from tinyunet.backend import to_numpy
+from tinyunet.classes import save_confusion_png  # noqa: F401  (K classes: the confusion matrix as a PNG)
 
 DEFAULT_THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(1, 10))  # 0.1 .. 0.9
 
@@ -365,3 +371,275 @@ def report_table(rows: Sequence[tuple[str, Mapping]] | Mapping) -> str:
         cells = [f"{scores[key]:8.4f}" if key in scores else f"{'-':>8}" for key, _ in TABLE_COLUMNS]
         lines.append(name.ljust(name_width) + "".join("  " + cell for cell in cells))
     return "\n".join(lines)
+
+
+# ===================================================================================== K classes
+#
+# A K-class prediction is a class map (H, W) or a stack (N, H, W) / (N, 1, H, W) of integers
+# 0..K-1 (argmax over the class axis of the scores); the target has the same shape, values
+# 0..K-1 or ignore_index (pixels not scored; 255 by default). Every score below comes from one
+# confusion matrix n (K, K): n_ij = scored pixels of true class i predicted as class j (rows =
+# truth, columns = prediction). With t_i = sum_j n_ij (pixels of class i in the truth) and
+# p_j = sum_i n_ij (pixels predicted as j), the four scores of Long, Shelhamer and Darrell,
+# "Fully Convolutional Networks for Semantic Segmentation" (CVPR 2015), section 5:
+#
+#     pixel accuracy            sum_i n_ii / sum_i t_i
+#     mean accuracy             (1 / n_cl) sum_i n_ii / t_i
+#     mean IU                   (1 / n_cl) sum_i n_ii / (t_i + p_i - n_ii)
+#     frequency weighted IU     (sum_k t_k)^-1 sum_i t_i n_ii / (t_i + p_i - n_ii)
+#
+# and per class: IoU_i = n_ii / (t_i + p_i - n_ii), precision_i = n_ii / p_i, recall_i =
+# n_ii / t_i (= the class accuracy), support_i = t_i.
+#
+# Absent classes (not 0 and not 1, the trap LESSONS.md names): a ratio whose denominator is 0
+# is NaN, "not measured". A class absent from both truth and prediction has IoU NaN and is
+# left out of the mean IU (n_cl counts the classes with t_i + p_i > 0); a class absent from
+# the truth has recall NaN and is left out of the mean accuracy (n_cl there counts t_i > 0);
+# a class predicted but absent from the truth has IoU 0 and counts in the mean IU (every
+# pixel predicted as it is a mistake). Nothing scored at all: every score is NaN.
+# (The binary pixel_scores above use 0 / 0 = 1.0 instead; where both classes occur the two
+# agree: class_scores(...)["iou"][1] == iou(...). Proof: test_binary_case_agrees.)
+
+def _class_map(name: str, a, classes: int, ignore_index: int | None) -> np.ndarray:
+    a = np.asarray(to_numpy(a))
+    if a.dtype.kind not in "uib" or a.ndim < 2:
+        raise MetricInputError(f"{name} must be a class map of integers (H, W) or a stack (N, H, W), got shape "
+                               f"{a.shape} dtype {a.dtype}; take scores.argmax(axis=1) of (N, K, H, W) scores first")
+    if a.ndim == 4 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim > 3:
+        raise MetricInputError(f"{name} must be (H, W), (N, H, W) or (N, 1, H, W), got shape {a.shape}")
+    a = a.astype(np.int64)
+    bad = (a < 0) | (a >= classes)
+    if ignore_index is not None:
+        bad &= a != ignore_index
+    if bad.any():
+        values = np.unique(a[bad])[:8].tolist()
+        allowed = f"0..{classes - 1}" + (f" or the ignore value {ignore_index}" if ignore_index is not None else "")
+        raise MetricInputError(f"{name}: {int(bad.sum())} pixels hold values {values} outside {allowed}; "
+                               f"check classes={classes} (and ignore_index)")
+    return a
+
+
+def _check_classes(classes) -> int:
+    if isinstance(classes, bool) or not isinstance(classes, (int, np.integer)) or classes < 2:
+        raise MetricInputError(f"classes must be a whole number >= 2 for class maps, got {classes!r}; "
+                               "binary membrane masks use pixel_scores / evaluate")
+    return int(classes)
+
+
+def confusion_matrix(pred, target, classes: int, ignore_index: int = 255) -> np.ndarray:
+    """(K, K) int64 counts n_ij of scored pixels with true class i predicted as j.
+
+    pred: class map (H, W) or stack (N, H, W) / (N, 1, H, W), integers 0..K-1; target: the
+    same shape, 0..K-1 or ignore_index (those pixels are not counted). One np.bincount of
+    i * K + j. Proof: test_confusion_matrix_by_hand, test_confusion_and_scores_match_loops.
+    """
+    classes = _check_classes(classes)
+    pred = _class_map("pred", pred, classes, None)
+    target = _class_map("target", target, classes, ignore_index)
+    _same_shape(pred, target)
+    scored = target != ignore_index
+    return np.bincount(target[scored] * classes + pred[scored], minlength=classes * classes).reshape(classes, classes)
+
+
+def _divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator elementwise, NaN where the denominator is 0."""
+    numerator, denominator = np.asarray(numerator, np.float64), np.asarray(denominator, np.float64)
+    return np.divide(numerator, denominator, out=np.full(numerator.shape, np.nan), where=denominator > 0)
+
+
+def scores_from_confusion(matrix, class_names: Sequence[str] | None = None) -> dict:
+    """The scores of class_scores from a (K, K) confusion matrix (formulas above)."""
+    n = np.asarray(matrix, np.int64)
+    if n.ndim != 2 or n.shape[0] != n.shape[1]:
+        raise MetricInputError(f"a confusion matrix is (K, K), got shape {n.shape}")
+    k = n.shape[0]
+    names = [f"class {c}" for c in range(k)] if class_names is None else [str(name) for name in class_names]
+    if len(names) != k:
+        raise MetricInputError(f"{k} classes but {len(names)} class names: {names}")
+    diagonal, truth, predicted = np.diag(n), n.sum(axis=1), n.sum(axis=0)
+    total = int(truth.sum())
+    iou = _divide(diagonal, truth + predicted - diagonal)
+    recall = _divide(diagonal, truth)
+    precision = _divide(diagonal, predicted)
+    measured_iou = iou[~np.isnan(iou)]
+    measured_recall = recall[~np.isnan(recall)]
+    return {
+        "pixel_accuracy": float(diagonal.sum() / total) if total else float("nan"),
+        "mean_accuracy": float(measured_recall.mean()) if measured_recall.size else float("nan"),
+        "mean_iou": float(measured_iou.mean()) if measured_iou.size else float("nan"),
+        "frequency_weighted_iou": float(np.nansum(truth * iou) / total) if total else float("nan"),
+        "class_names": names,
+        "iou": iou.tolist(),
+        "precision": precision.tolist(),
+        "recall": recall.tolist(),
+        "support": truth.tolist(),
+        "pixels": total,
+        "confusion": n.tolist(),
+    }
+
+
+def class_scores(pred, target, classes: int, ignore_index: int = 255, class_names: Sequence[str] | None = None) -> dict:
+    """The FCN paper's four scores and per-class scores of a class map against the truth.
+
+    pred, target: as confusion_matrix. Returns a dict (JSON-ready):
+        pixel_accuracy, mean_accuracy, mean_iou, frequency_weighted_iou   floats (NaN: nothing scored)
+        class_names  list of K names ("class k" by default)
+        iou, precision, recall   lists of K floats, NaN where not measured (see above)
+        support      list of K ints: true pixels of each class
+        pixels       scored pixels;  confusion: the (K, K) matrix as nested lists
+    Classes absent from both truth and prediction are NaN and left out of the means.
+    Proof: test_class_scores_by_hand, test_absent_classes_are_nan_and_left_out, test_binary_case_agrees.
+    """
+    return scores_from_confusion(confusion_matrix(pred, target, classes, ignore_index), class_names)
+
+
+def _score_cell(value) -> str:
+    return f"{'-':>8}" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:8.4f}"
+
+
+def class_report_table(rows: Sequence[tuple[str, Mapping]] | Mapping) -> str:
+    """A fixed-width text table of class_scores results: one row per (name, scores) pair, the
+    four FCN scores then the IoU of each class (named by the first row's class_names); NaN or
+    missing shows as "-". One result alone is shown as the row "model".
+    Proof: test_class_report_table.
+    """
+    if isinstance(rows, Mapping):
+        rows = [("model", rows)]
+    rows = list(rows)
+    if not rows:
+        raise MetricInputError("class_report_table needs at least one (name, scores) row")
+    names = list(rows[0][1].get("class_names", []))
+    columns = [("pixel_accuracy", "pix acc"), ("mean_accuracy", "mean acc"), ("mean_iou", "mIoU"),
+               ("frequency_weighted_iou", "fwIoU")]
+    titles = [title for _, title in columns] + [f"IoU {name}"[:max(8, len(f"IoU {name}"))] for name in names]
+    widths = [max(8, len(title)) for title in titles]
+    name_width = max([len("method")] + [len(name) for name, _ in rows])
+    header = "method".ljust(name_width) + "".join(f"  {title:>{w}}" for title, w in zip(titles, widths))
+    lines = [header, "-" * len(header)]
+    for name, scores in rows:
+        values = [scores.get(key) for key, _ in columns]
+        per_class = list(scores.get("iou", []))
+        values += [per_class[c] if c < len(per_class) else None for c in range(len(names))]
+        lines.append(name.ljust(name_width) + "".join(f"  {_score_cell(v):>{w}}" for v, w in zip(values, widths)))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- K-class baselines
+
+def kmeans_intensity(image, clusters: int, seed: int = 0, iterations: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's k-means on grey values, by hand: (cluster map int64 of image's shape, centres (k,)).
+
+    Centres start at the quantiles (c + 1/2) / k of the values (deterministic); each round
+    assigns every pixel to its nearest centre (in 1-D: the centres sorted, the cut between
+    neighbours at their midpoint, np.searchsorted) and moves each centre to the mean of its
+    pixels, until no assignment changes or `iterations` rounds. A cluster left empty restarts
+    at a value drawn by np.random.default_rng(seed) (so the seed only matters then). Clusters
+    are numbered by centre, darkest first. Proof: test_kmeans_finds_separated_levels.
+    """
+    values = _as_unit_image(image).astype(np.float64)
+    if isinstance(clusters, bool) or not isinstance(clusters, (int, np.integer)) or clusters < 1:
+        raise MetricInputError(f"k-means needs a whole number of clusters >= 1, got {clusters!r}")
+    flat = values.ravel()
+    rng = np.random.default_rng(seed)
+    centres = np.quantile(flat, (np.arange(clusters) + 0.5) / clusters)
+    assignment = None
+    for _ in range(iterations):
+        centres = np.sort(centres)
+        cuts = (centres[1:] + centres[:-1]) / 2
+        new = np.searchsorted(cuts, flat, side="right")
+        if assignment is not None and np.array_equal(new, assignment):
+            break
+        assignment = new
+        counts = np.bincount(assignment, minlength=clusters)
+        sums = np.bincount(assignment, weights=flat, minlength=clusters)
+        empty = counts == 0
+        centres = np.where(empty, 0.0, sums / np.maximum(counts, 1))
+        if empty.any():
+            centres[empty] = flat[rng.integers(flat.size, size=int(empty.sum()))]
+    order = np.argsort(centres, kind="stable")
+    rank = np.empty(clusters, np.int64)
+    rank[order] = np.arange(clusters)
+    return rank[assignment].reshape(values.shape), centres[order]
+
+
+def kmeans_baseline(image, classes: int, seed: int = 0) -> np.ndarray:
+    """The classical method: k-means on intensity with k = K clusters (kmeans_intensity),
+    returning the cluster map (image's shape, int64, 0 = darkest cluster). The clusters are
+    not classes yet: match_clusters assigns them. Proof: test_kmeans_finds_separated_levels."""
+    return kmeans_intensity(image, _check_classes(classes), seed)[0]
+
+
+def cluster_assignment(cluster_map, target, classes: int, ignore_index: int = 255) -> np.ndarray:
+    """The one-to-one map cluster -> class (K,) maximising the scored pixels where they agree.
+
+    With n = confusion_matrix(clusters as prediction) (n_ij = pixels of class i in cluster j),
+    it maximises sum_j n_{m(j), j} over permutations m. K <= 8: every one of the K!
+    permutations is tried (at most 40,320; the first best in itertools order wins); larger
+    K: scipy.optimize.linear_sum_assignment, the same optimum by the Hungarian method.
+    Proof: test_match_clusters_exact_assignment.
+    """
+    import itertools
+
+    classes = _check_classes(classes)
+    n = confusion_matrix(cluster_map, target, classes, ignore_index)
+    if classes <= 8:
+        columns = np.arange(classes)
+        best, best_score = None, -1
+        for permutation in itertools.permutations(range(classes)):
+            score = int(n[list(permutation), columns].sum())      # cluster j -> class permutation[j]
+            if score > best_score:
+                best, best_score = permutation, score
+        return np.array(best, np.int64)
+    from scipy.optimize import linear_sum_assignment
+    rows, cols = linear_sum_assignment(n, maximize=True)
+    mapping = np.empty(classes, np.int64)
+    mapping[cols] = rows
+    return mapping
+
+
+def match_clusters(cluster_map, target, classes: int, ignore_index: int = 255) -> np.ndarray:
+    """The cluster map relabelled by cluster_assignment: a class map (same shape, int64).
+
+    It looks at the truth to name the clusters (the lecture's "classical method + label
+    matching"), so it is the best that intensity clusters can score, an upper bound for any
+    rule that names them without the truth. Proof: test_match_clusters_exact_assignment.
+    """
+    mapping = cluster_assignment(cluster_map, target, classes, ignore_index)
+    return mapping[np.asarray(to_numpy(cluster_map)).astype(np.int64)]
+
+
+def majority_baseline(target, ignore_index: int = 255) -> np.ndarray:
+    """The most frequent scored class of the target (ignored pixels left out; ties: the lowest
+    class) everywhere: a class map of target's shape, int64. Proof: test_majority_baseline."""
+    target = np.asarray(to_numpy(target))
+    if target.dtype.kind not in "ui" or target.ndim < 2:
+        raise MetricInputError(f"target must be an integer class map, got shape {target.shape} dtype {target.dtype}")
+    scored = target[target != ignore_index].astype(np.int64)
+    if scored.size and scored.min() < 0:
+        raise MetricInputError("target holds negative values; class maps hold 0..K-1 and the ignore value")
+    majority = int(np.argmax(np.bincount(scored))) if scored.size else 0
+    return np.full(target.shape, majority, np.int64)
+
+
+def evaluate_classes(pred, target, classes: int, image=None, ignore_index: int = 255,
+                     class_names: Sequence[str] | None = None, seed: int = 0) -> dict:
+    """class_scores of a prediction, with the baselines beside it: "majority" (majority_baseline)
+    and, with the grey image (same shape as target), "kmeans": k-means on intensity per slice
+    (k = K), clusters matched to classes over the whole stack. Proof: test_evaluate_classes."""
+    result = class_scores(pred, target, classes, ignore_index, class_names)
+    target_array = _class_map("target", target, _check_classes(classes), ignore_index)
+    names = result["class_names"]
+    result["majority"] = class_scores(majority_baseline(target_array, ignore_index), target_array, classes,
+                                      ignore_index, names)
+    if image is not None:
+        image = np.asarray(to_numpy(image))
+        if image.ndim == 4 and image.shape[1] == 1:
+            image = image[:, 0]
+        if image.shape != target_array.shape:
+            raise MetricInputError(f"image has shape {image.shape} but target has shape {target_array.shape}")
+        clusters = np.stack([kmeans_baseline(s, classes, seed) for s in _slices(image)]).reshape(image.shape)
+        result["kmeans"] = class_scores(match_clusters(clusters, target_array, classes, ignore_index), target_array,
+                                        classes, ignore_index, names)
+    return result
