@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinyunet.data import synthetic_membranes
+from tinyunet.data import DataError, synthetic_cells, synthetic_membranes
 from tinyunet.train import CollapseWatch, OptionError, Trainer, TrainOptions, check_options
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -51,9 +51,19 @@ def test_bad_model_and_class_options_are_refused_before_any_work(tmp_path, chang
     assert not (tmp_path / "run").exists()
 
 
+def test_a_crop_too_small_for_fcn6_is_refused_with_the_nearest_size(tmp_path):
+    with pytest.raises(OptionError, match="--crop 32 does not fit a fcn32s .* nearest valid sizes: 64"):
+        Trainer(tiny_options(tmp_path / "run", model="fcn32s", classes=3, crop=32), log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_class_count_the_data_does_not_have_is_refused(tmp_path):
-    with pytest.raises(OptionError, match=r"--classes 4: the data 'synthetic' holds 3 class\(es\).*give --classes 3"):
+    with pytest.raises(DataError, match=r"the 'synthetic' data has classes 1 .* not 4"):
         Trainer(tiny_options(tmp_path / "run", classes=4), log=lambda m: None)
+    three_classes = synthetic_cells(4, size=48, seed=1)          # data given as a Dataset
+    with pytest.raises(OptionError, match=r"--classes 2: the data 'synthetic' holds 3 class\(es\) \(cytoplasm, "
+                                          r"membrane, mitochondrion\); give --classes 3"):
+        Trainer(tiny_options(tmp_path / "run", classes=2), three_classes, log=lambda m: None)
     assert not (tmp_path / "run").exists()
 
 
@@ -86,7 +96,7 @@ def test_a_one_class_run_is_also_scored_as_two_classes(tmp_path, quick_figures):
 
 def test_membrane_maps_train_two_class_networks(tmp_path, quick_figures):
     data = synthetic_membranes(4, size=64, seed=1)
-    result = Trainer(tiny_options(tmp_path, model="fcn32s", classes=2, crop=32), data, log=lambda m: None).fit()
+    result = Trainer(tiny_options(tmp_path, model="fcn32s", classes=2, crop=64), data, log=lambda m: None).fit()
     assert result["step"] == 4
     final = json.loads((tmp_path / "final.json").read_text())
     assert final["class_names"][1] == "membrane" and final["model"] == "fcn32s"

@@ -344,3 +344,14 @@ def save_prediction(image, probability, out_dir, name: str, threshold: float = 0
     _save_png_atomic(np.where(membrane, 0, 255).astype(np.uint8), paths["mask"])
     _save_png_atomic(overlay(image, membrane), paths["overlay"])
     return paths
+
+
+def save_class_prediction(image, labels, palette, out_dir, name: str) -> dict:
+    """K classes: write <name>_labels.png (a palette PNG: pixel value = class, shown in the
+    class colours) and <name>_overlay.png (the colours over the grey image). Returns {kind: path}."""
+    from tinyunet.classes import overlay_classes, save_label_png
+    out_dir = Path(out_dir)
+    paths = {"labels": out_dir / f"{name}_labels.png", "overlay": out_dir / f"{name}_overlay.png"}
+    save_label_png(labels, paths["labels"], palette)
+    _save_png_atomic(overlay_classes(image, labels, palette), paths["overlay"])
+    return paths

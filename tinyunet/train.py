@@ -61,14 +61,13 @@ from tinyunet.backend import (check_device_name, get_array_module, release_gpu_m
                               to_numpy)
 from tinyunet.files import atomic_write
 from tinyunet.data import Dataset, binary_as_classes, border_weight_map, random_crops, resolve_data
-from tinyunet.classes import save_class_prediction
-from tinyunet.infer import predict_probability, save_prediction
+from tinyunet.classes import save_confusion_png
+from tinyunet.infer import predict_probability, save_class_prediction, save_prediction
 from tinyunet.losses import bce_with_logits, median_frequency_weights, softmax_cross_entropy
-from tinyunet.metrics import (class_report_table, class_scores, confusion_matrix, evaluate, kmeans_baseline,
-                              majority_baseline, match_clusters, report_table, save_confusion_png)
+from tinyunet.metrics import class_report_table, class_scores, evaluate, evaluate_classes, report_table
 from tinyunet.optim import Adam
 from tinyunet.layers import Conv2d, Dropout, MaxPool2d, ReLU
-from tinyunet.models import MODELS, build_model
+from tinyunet.models import FCN_CPU_INPUT_PAD, MODELS, build_model, check_input_size
 from tinyunet.unet import UNet, UNetConfig
 
 
@@ -243,11 +242,12 @@ def check_options(o: TrainOptions) -> None:
 
 def model_options(o: TrainOptions) -> dict:
     """The options of o.model beyond its width: the U-Net's depth and head; FCN's fc6/fc7 as
-    wide as the reference's relative to its blocks (4096 = 64 x 64), so --base-width scales all."""
+    wide as the reference's relative to its blocks (4096 = 64 x 64), so --base-width scales all,
+    and conv1_1 padded by the least that keeps every crop offset >= 0 (tinyunet/models.py)."""
     if o.model == "unet":
         return {"depth": o.depth, "head_relu": o.head_relu}
-    if o.model.startswith("fcn"):
-        return {"fc_width": 64 * o.base_width}
+    if o.model.startswith("fcn"):         # conv1_1's padding: the least that fits, not the reference's 100
+        return {"fc_width": 64 * o.base_width, "input_pad": FCN_CPU_INPUT_PAD[o.model[3:]]}
     return {}
 
 
@@ -539,6 +539,10 @@ class Trainer:
         self._check_run_folder()
         self.model = build_model(o.model, classes=o.classes, base_width=o.base_width, seed=o.seed,
                                  **model_options(o))
+        try:                      # FCN's fc6 (a 7x7 conv after five pools) needs crops of 64 pixels or more
+            check_input_size(self.model, o.crop, "--crop")
+        except ValueError as error:
+            raise OptionError(str(error)) from None
         self._check_memory()
         self.train_set, self.val_set = self._load_data(dataset)
 
@@ -766,8 +770,8 @@ class Trainer:
         """class_scores of (N, H, W) predicted labels against the validation set's, flattened for
         metrics.json: mean_iou, pixel_accuracy, ..., iou_<class>, precision_<class>, recall_<class>."""
         v = self.val_set
-        scores = class_scores(labels, np.stack(v.targets), self.options.classes, v.ignore_index, v.class_names)
-        return flatten_class_scores(scores)
+        return flatten_class_scores(class_scores(labels, np.stack(v.targets), self.options.classes, v.ignore_index,
+                                                 v.class_names))
 
     def _record(self, loss_window: list[float]) -> dict:
         scores = self.evaluate()
@@ -908,23 +912,19 @@ class Trainer:
             for image, label, name in zip(v.images, labels, v.names):
                 save_class_prediction(image, label, v.palette, prediction_dir, name)
             truth, names, ignore = targets, v.class_names, v.ignore_index
-        classes = len(names)
-        baselines = {"k-means on intensity": np.stack([
-                         match_clusters(kmeans_baseline(image, classes, seed=o.seed), target, classes)
-                         for image, target in zip(images, truth)]),
-                     "majority class": np.broadcast_to(majority_baseline(truth), truth.shape)}
-        by_method = {f"tinyunet {o.model}": labels, **baselines}
-        class_table = {method: class_scores(predicted, truth, classes, ignore, names)
-                       for method, predicted in by_method.items()}
-        confusion = confusion_matrix(labels, truth, classes, ignore)
-        class_text = class_report_table(list(class_table.items()))
+        # the baselines: k-means on intensity, its clusters matched to the classes; the majority class
+        compared = evaluate_classes(labels, truth, len(names), image=images,
+                                    ignore_index=255 if ignore is None else ignore, class_names=names, seed=o.seed)
+        baselines = {"k-means on intensity": compared.pop("kmeans"), "majority class": compared.pop("majority")}
+        class_text = class_report_table([(f"tinyunet {o.model}", compared), *baselines.items()])
         if o.classes == 1:
             table = table + "\n\nas two classes (cell, membrane):\n" + class_text
-            scores["classes"] = flatten_class_scores(class_table[f"tinyunet {o.model}"])
+            scores["classes"] = flatten_class_scores(compared)
         else:
-            table, scores = class_text, flatten_class_scores(class_table[f"tinyunet {o.model}"])
-        scores["baselines"] = {method: flatten_class_scores(class_table[method]) for method in baselines}
-        scores["confusion"] = {"rows_truth_columns_prediction": names, "counts": confusion.tolist()}
+            table, scores = class_text, flatten_class_scores(compared)
+        scores["baselines"] = {method: flatten_class_scores(result) for method, result in baselines.items()}
+        confusion = np.asarray(compared["confusion"])
+        scores["confusion"] = {"rows_truth_columns_prediction": list(names), "counts": confusion.tolist()}
         self.log(table)
         write_json_atomic(self.run_dir / "final.json", {
             "step": self.step, "train_seconds": round(self.train_seconds, 1), "options": asdict(o),
@@ -944,13 +944,12 @@ class Trainer:
 
 
 def flatten_class_scores(scores: dict) -> dict:
-    """class_scores' result as flat JSON numbers: the four means, then <metric>_<class>."""
-    flat = {}
-    for key, value in scores.items():
-        if isinstance(value, dict):             # {class name: number} per metric
-            flat.update({f"{key}_{name}": float(number) for name, number in value.items()})
-        elif isinstance(value, (int, float, np.number)):
-            flat[key] = float(value)
+    """class_scores' result as flat JSON numbers (metrics.json, final.json): the FCN paper's four,
+    then iou_<class>, precision_<class>, recall_<class>; the confusion matrix is kept apart."""
+    flat = {key: float(scores[key]) for key in ("pixel_accuracy", "mean_accuracy", "mean_iou",
+                                                "frequency_weighted_iou")}
+    for metric in ("iou", "precision", "recall"):
+        flat.update({f"{metric}_{name}": float(value) for name, value in zip(scores["class_names"], scores[metric])})
     return flat
 
 
