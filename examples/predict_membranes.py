@@ -5,8 +5,10 @@
     python examples/predict_membranes.py CHECKPOINT a.png b.png --threshold 0.6
 
 For every image it writes NAME_prob.png (16-bit membrane probability), NAME_mask.png
-(0 = membrane, 255 = cell, as the ISBI labels) and NAME_overlay.png. Overlap-tile with
-mirror padding, as in the U-Net paper, so no image is resized (tinyunet/infer.py).
+(0 = membrane, 255 = cell, as the ISBI labels) and NAME_overlay.png. A model of K >= 2 classes
+(any of tinyunet/models.py: U-Net, FCN, SegNet) writes NAME_labels.png instead (a palette PNG:
+pixel value = class, in the class colours its training data had) and NAME_overlay.png.
+Overlap-tile with mirror padding, as in the U-Net paper, so no image is resized (tinyunet/infer.py).
 """
 import argparse
 import sys
@@ -68,6 +70,18 @@ def bounded(kind, low=None, high=None, low_open=False, high_open=False):
     return parse
 
 
+def class_colours(checkpoint, classes: int):
+    """The palette a K-class run saved in its checkpoint, or tinyunet's default colours."""
+    from tinyunet.checkpoint import read_checkpoint_meta
+    from tinyunet.classes import default_palette
+    try:
+        palette = read_checkpoint_meta(checkpoint).get("extra", {}).get("palette")
+    except (ValueError, OSError):                   # a Keras or safetensors file: no palette in it
+        palette = None
+    palette = np.asarray(palette, dtype=np.uint8) if palette is not None else None
+    return palette if palette is not None and palette.shape == (classes, 3) else default_palette(classes)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -91,7 +105,7 @@ def main(argv=None) -> int:
 
     from tinyunet.backend import DeviceError, require_gpu
     from tinyunet.formats import load_model
-    from tinyunet.infer import predict_probability, save_prediction
+    from tinyunet.infer import labels_from_probability, predict_probability, save_class_prediction, save_prediction
     try:
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a file, not a folder; choose another --out")
@@ -100,10 +114,15 @@ def main(argv=None) -> int:
         model = load_model(args.checkpoint).to(args.device).eval()     # .npz, Keras HDF5 or safetensors
         items = read_inputs(args.inputs)
         items = unique_items(items, args.out)
+        classes = model.config.classes
+        palette = class_colours(args.checkpoint, classes) if classes > 1 else None
         for name, image, _ in tqdm(items, desc="predicting", unit="image"):
             probability = predict_probability(model, image, tile=args.tile, margin=args.margin, tta=args.tta,
                                               memory_budget=int(args.memory_gb * 1e9))
-            save_prediction(image, probability, args.out, name, args.threshold)
+            if classes == 1:
+                save_prediction(image, probability, args.out, name, args.threshold)
+            else:
+                save_class_prediction(image, labels_from_probability(probability), palette, args.out, name)
     except (ValueError, OSError, DeviceError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -111,7 +130,7 @@ def main(argv=None) -> int:
         print("stopped by Ctrl-C: the predictions written so far are whole (each file is written atomically)",
               file=sys.stderr)
         return 130
-    print(f"wrote {3 * len(items)} files for {len(items)} images to {args.out}")
+    print(f"wrote {(3 if model.config.classes == 1 else 2) * len(items)} files for {len(items)} images to {args.out}")
     return 0
 
 

@@ -167,3 +167,26 @@ def test_the_comparison_table_is_built_from_the_runs(tmp_path, quick_figures):
     assert "no final.json" in by_model["fcn8s"]
     segnet = json.loads((tmp_path / "segnet" / "final.json").read_text())
     assert f"{segnet['scores']['mean_iou']:.3f}" in by_model["segnet"]
+
+
+def test_a_k_class_checkpoint_predicts_labels_in_its_own_colours(tmp_path, quick_figures):
+    import importlib.util
+
+    from PIL import Image
+
+    run = tmp_path / "run"
+    Trainer(tiny_options(run, model="segnet", crop=32, steps=2), log=lambda m: None).fit()
+    palette = synthetic_cells(2, size=32).palette
+    image = synthetic_cells(1, size=64, seed=5).images[0]
+    Image.fromarray((image * 255).round().astype(np.uint8)).save(tmp_path / "slice.png")
+    spec = importlib.util.spec_from_file_location("predict_membranes", EXAMPLES / "predict_membranes.py")
+    predict = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(predict)
+    assert predict.main([str(run / "checkpoint.npz"), str(tmp_path / "slice.png"), "--out", str(tmp_path / "out")]) == 0
+    with Image.open(tmp_path / "out" / "slice_labels.png") as picture:
+        assert picture.mode == "P"
+        labels = np.asarray(picture)
+        colours = np.array(picture.getpalette()[:9]).reshape(3, 3)
+    assert labels.shape == (64, 64) and set(np.unique(labels)) <= {0, 1, 2}
+    np.testing.assert_array_equal(colours, palette)
+    assert (tmp_path / "out" / "slice_overlay.png").is_file()
