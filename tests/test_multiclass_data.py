@@ -195,7 +195,10 @@ def test_label_errors_are_named(tmp_path, cells):
     # ISBI-style 0/255 membrane labels read with K classes: explained, not silently ignored.
     binary = save_folder(synthetic_membranes(2, 32), tmp_path / "binary")
     with pytest.raises(DataError, match="hold only 0 and 255: binary membrane maps .* --classes 1"):
-        load_folder(binary, classes=2)
+        load_folder(binary, classes=3)
+    two = load_folder(binary, classes=2)                 # K = 2: cell (0) and membrane (1)
+    assert two.classes == 2 and two.class_names == ("cell", "membrane")
+    np.testing.assert_array_equal(two.targets[0], synthetic_membranes(2, 32).targets[0] > 0.5)
     assert load_folder(binary).targets[0].dtype == np.float32                 # classes=1: as always
     with pytest.raises(DataError, match="classes must be a whole number from 2 to 255"):
         load_folder(binary, classes=0)

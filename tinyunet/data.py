@@ -611,20 +611,23 @@ class ClassLabels:
                             f"{self.ignore_index} (the ignore value) if they are unlabelled")
         return values.astype(np.uint8)
 
-    def check_not_binary(self, targets: list[np.ndarray], where) -> None:
-        """Refuse grey labels that hold only 0 and 255: ISBI-style binary membrane maps, which
-        with K classes would read as class 0 and "ignore"."""
+    def membrane_maps(self, images, targets: list[np.ndarray], names, where) -> Dataset | None:
+        """Grey labels that hold only 0 and 255 are ISBI-style binary membrane maps (255 = cell,
+        0 = membrane), which read as class maps would be class 0 and "ignore": with K = 2 they
+        become the classes cell (0) and membrane (1) (binary_as_classes); with another K they are
+        refused. None for class maps."""
         if self.kinds != {"grey"} or self.ignore_index != 255 or not targets:
-            return
+            return None
         values = set()
         for target in targets:
             values |= set(np.unique(target).tolist())
-        if values == {0, 255}:
-            raise DataError(f"the labels of {where} hold only 0 and 255: binary membrane maps (ISBI: 255 = cell, "
-                            f"0 = membrane), not class maps. With --classes {self.classes} the 255 pixels would be "
-                            "ignored and all the rest read as class 0. Train them with --classes 1 (binary), or "
-                            "--classes 2 on 'isbi2012' / tinyunet.data.binary_as_classes(load_folder(path)) for a "
-                            "2-class model; or write class maps with values 0..K-1.")
+        if values != {0, 255}:
+            return None
+        if self.classes == 2:
+            return binary_as_classes(Dataset(images, [(t == 0).astype(np.float32) for t in targets], names))
+        raise DataError(f"the labels of {where} hold only 0 and 255: binary membrane maps (ISBI: 255 = cell, "
+                        f"0 = membrane), not class maps of {self.classes} classes. Train them with --classes 1 "
+                        "(binary) or --classes 2 (cell and membrane); or write class maps with values 0..K-1.")
 
     def dataset(self, images, targets, names) -> Dataset:
         palette = self.palette if self.palette is not None else self.file_palette
@@ -713,8 +716,8 @@ def load_folder(path, classes: int = 1, ignore_index: int = 255) -> Dataset:
         dataset.names.append(name)
     if rules is None:
         return dataset
-    rules.check_not_binary(dataset.targets, label_dir)
-    return rules.dataset(dataset.images, dataset.targets, dataset.names)
+    membranes = rules.membrane_maps(dataset.images, dataset.targets, dataset.names, label_dir)
+    return membranes if membranes is not None else rules.dataset(dataset.images, dataset.targets, dataset.names)
 
 
 def load_image_folder(path) -> Dataset:
@@ -802,8 +805,8 @@ def load_tiff_stack(image_path, label_path=None, classes: int = 1, ignore_index:
                                 f"but {source} is {target.shape[0]}x{target.shape[1]}; they must match.")
             targets.append(target)
         if rules is not None:
-            rules.check_not_binary(targets, label_path)
-            return rules.dataset(images, targets, names)
+            membranes = rules.membrane_maps(images, targets, names, label_path)
+            return membranes if membranes is not None else rules.dataset(images, targets, names)
     return Dataset(images, targets, names)
 
 
