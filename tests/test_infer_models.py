@@ -98,3 +98,26 @@ def test_fcn_and_segnet_tiles_are_multiples_of_32_within_the_budget():
         predict_probability(model, np.zeros((8, 8)), tile=100)
     p = predict_probability(model, np.random.default_rng(0).random((50, 41)), margin=32, memory_budget=budget)
     assert p.shape == (3, 50, 41)
+
+
+def test_class_prediction_files(tmp_path):
+    from PIL import Image
+
+    from tinyunet.infer import CLASS_COLORS, overlay_classes, save_class_prediction
+    image = np.full((4, 6), 0.5)
+    probability = np.zeros((3, 4, 6), np.float32)
+    probability[0] = 1
+    probability[:, 1, :] = [[0.2], [0.7], [0.1]]                         # row 1: class 1
+    probability[:, 2, :] = [[0.1], [0.2], [0.7]]                         # row 2: class 2
+    paths = save_class_prediction(image, probability, tmp_path, "slice")
+    labels = np.array(Image.open(paths["labels"]))
+    assert labels.dtype == np.uint8 and labels[:, 0].tolist() == [0, 1, 2, 0]
+    rgb = np.array(Image.open(paths["overlay"]))
+    assert rgb[0, 0].tolist() == [128, 128, 128]                          # the background stays grey
+    assert rgb[1, 0].tolist() == np.round(0.4 * 127.5 + 0.6 * np.array(CLASS_COLORS[1])).astype(int).tolist()
+    assert rgb[1, 0].tolist() != rgb[2, 0].tolist()
+    assert not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(ValueError, match="expected a \\(K, H, W\\) probability"):
+        save_class_prediction(image, probability[0], tmp_path, "x")
+    with pytest.raises(ValueError, match="differ in shape"):
+        overlay_classes(image, np.zeros((4, 5), int))

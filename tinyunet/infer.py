@@ -344,3 +344,38 @@ def save_prediction(image, probability, out_dir, name: str, threshold: float = 0
     _save_png_atomic(np.where(membrane, 0, 255).astype(np.uint8), paths["mask"])
     _save_png_atomic(overlay(image, membrane), paths["overlay"])
     return paths
+
+
+# A colour per class for overlays of K-class predictions: class 0 (the background, e.g. cytoplasm
+# or cell) stays grey, the others get distinct colours; more classes than colours cycle.
+CLASS_COLORS = ((0, 0, 0), (255, 40, 40), (40, 200, 40), (40, 90, 255), (255, 200, 0),
+                (200, 40, 255), (0, 220, 220), (255, 120, 0))
+
+
+def overlay_classes(image, labels, colors=CLASS_COLORS, alpha: float = 0.6, background: int = 0) -> np.ndarray:
+    """(H, W, 3) uint8: the grey (H, W) image with each pixel of class c != ``background``
+    tinted colors[c % len(colors)] (``labels``: (H, W) integers, e.g. from predict_labels)."""
+    labels = np.asarray(labels)
+    if labels.shape != np.shape(image):
+        raise ValueError(f"overlay_classes: labels {labels.shape} and image {np.shape(image)} differ in shape")
+    grey = (np.clip(image, 0, 1) * 255).astype(np.float32)
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    palette = np.array(colors, dtype=np.float32)
+    tinted = labels != background
+    rgb[tinted] = (1 - alpha) * rgb[tinted] + alpha * palette[labels[tinted] % len(palette)]
+    return rgb.round().astype(np.uint8)
+
+
+def save_class_prediction(image, probability, out_dir, name: str) -> dict:
+    """For a (K, H, W) probability: <name>_labels.png (8-bit class indices, the argmax) and
+    <name>_overlay.png (overlay_classes), written atomically. Returns {kind: path}."""
+    probability = np.asarray(probability)
+    if probability.ndim != 3 or probability.shape[0] < 2 or probability.shape[0] > 256:
+        raise ValueError(f"save_class_prediction: expected a (K, H, W) probability with 2 <= K <= 256, got shape "
+                         f"{probability.shape}; one class (H, W) maps: save_prediction")
+    out_dir = Path(out_dir)
+    labels = labels_from_probability(probability)
+    paths = {"labels": out_dir / f"{name}_labels.png", "overlay": out_dir / f"{name}_overlay.png"}
+    _save_png_atomic(labels.astype(np.uint8), paths["labels"])
+    _save_png_atomic(overlay_classes(image, labels), paths["overlay"])
+    return paths
