@@ -228,6 +228,19 @@ def test_keras_layout_round_trip(tmp_path, name):
     assert loaded.config.depth == 2 and same_parameters(loaded, model)
 
 
+@pytest.mark.parametrize("name", ["unet3.h5", "unet3.weights.h5"])
+def test_k_class_unet_keras_layout_and_safetensors_round_trip(tmp_path, name):
+    """K = 3: the paper's head (5 * depth + 3 convs, the last a 1x1 to 3) is read back as classes=3."""
+    pytest.importorskip("h5py")
+    pytest.importorskip("safetensors")
+    from tinyunet.formats.keras_hdf5 import save_keras
+    from tinyunet.formats.safetensors_io import save_safetensors
+    model = random_model(seed=8, depth=2, classes=3)
+    for path in (save_keras(tmp_path / name, model), save_safetensors(tmp_path / "unet3.safetensors", model)):
+        loaded = load_model(path)
+        assert loaded.config.classes == 3 and loaded.config.depth == 2 and same_parameters(loaded, model)
+
+
 def test_keras_weights_file_with_renamed_layers_maps_by_order(tmp_path):
     """A weights-only file (no graph) whose layers carry names sorting in another order: the
     file's layer order decides, not the names."""

@@ -35,7 +35,9 @@ cannot make it allocate more than the model it describes. Then every value must 
 every generator state valid, and only then is anything changed (all or nothing). A truncated,
 corrupt or foreign file (a PNG, a .pt, a pickle) raises CheckpointError saying so, with one
 line naming the fix. Proofs: tests/test_checkpoint.py (bit-identical resume, crash during
-save, mismatches, corrupt, foreign and hostile files).
+save, mismatches, corrupt, foreign and hostile files), tests/test_checkpoint_models.py (every
+kind, SegNet's bit-identical resume with its batch-norm statistics, frozen FCN upsamplers, a
+checkpoint of another model or class count).
 """
 from __future__ import annotations
 

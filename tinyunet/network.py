@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from tinyunet.backend import device_of, get_array_module, is_array, to_device
+from tinyunet.grad_mode import no_grad
 from tinyunet.layers import Add, Crop2d, Dropout, MaxPool2d, MaxUnpool2d
 from tinyunet.layers.base import LayerInputError
 
@@ -139,8 +140,11 @@ class LayerNetwork:
         return self.train(False)
 
     def predict_proba(self, x):
-        """softmax(forward(x)) over the class axis: (N, K, H, W), each pixel's K sum to 1."""
-        z = self.forward(x)
+        """softmax(forward(x)) over the class axis: (N, K, H, W), each pixel's K sum to 1.
+        A prediction, as UNet.predict_proba: runs inside no_grad() (no layer keeps anything for
+        a backward); set the mode yourself (``eval()``: dropout off, batch norm's running statistics)."""
+        with no_grad():
+            z = self.forward(x)
         xp = get_array_module(z)
         e = xp.exp(z - z.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)

@@ -401,14 +401,19 @@ def _describe(expression, names) -> str:
 
 def config_from_keras(weights: KerasWeights) -> UNetConfig:
     """The UNetConfig a file's shapes and activations describe (depth from the number of convs:
-    2 per level down, 2 at the bottom, 3 per level up, 2 in the head = 5 * depth + 4).
+    2 per level down, 2 at the bottom, 3 per level up, 2 in the head = 5 * depth + 4; or
+    5 * depth + 3 ending in a 1x1 conv to K >= 2 channels: the K-class U-Net, classes=K).
     A weights-only file has no activations: it gets the Keras head (head_relu=True); load one
     saved without the head's ReLU into UNet(head_relu=False, ...) yourself."""
     n = len(weights.convs)
+    first, last = weights.convs[0].kernel, weights.convs[-1].kernel
+    if n >= 8 and (n - 3) % 5 == 0 and tuple(last.shape[:2]) == (1, 1) and last.shape[3] >= 2:
+        # K classes: the U-Net paper's head, one 1x1 conv to K (tinyunet.unet, classes >= 2)
+        return UNetConfig(in_channels=int(first.shape[2]), base_width=int(first.shape[3]), depth=(n - 3) // 5,
+                          classes=int(last.shape[3]))
     if n < 9 or (n - 4) % 5:
         raise KerasFileError(f"{weights.path!r} holds {n} Conv2D layers; a 'same' U-Net of depth d has 5 * d + 4 "
-                             f"(24 at depth 4): this file is another architecture")
-    first = weights.convs[0].kernel
+                             f"(24 at depth 4), or 5 * d + 3 with K >= 2 classes: this file is another architecture")
     head = weights.convs[-2]
     head_relu = True
     if head.config is not None:
@@ -483,7 +488,7 @@ def _check_conv_config(conv: KerasConv, want: dict, where: str, last: bool) -> N
         raise KerasFileError(f"{where}: groups={cfg.get('groups')}, the U-Net's convs are not grouped")
     activation = cfg.get("activation", "linear")
     if last:
-        allowed = ("linear", "sigmoid")
+        allowed = ("linear", "sigmoid", "softmax") if conv.kernel.shape[3] >= 2 else ("linear", "sigmoid")
     elif want["relu"]:
         allowed = ("relu",)
     else:
