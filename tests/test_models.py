@@ -88,7 +88,7 @@ def test_input_sizes_name_the_nearest_valid_ones():
         check_input_size(unet, 100)
     # an FCN with the small pad needs pool5 >= fc6's 7x7: 32 is too small, 64 the first that fits
     fcn = build_model("fcn8s", classes=3, base_width=2, fc_width=4, input_pad=FCN_CPU_INPUT_PAD["8s"])
-    with pytest.raises(ValueError, match="nearest valid sizes: 64$"):
+    with pytest.raises(ValueError, match=r"^crop size 32 is too small for a fcn8s .* the smallest valid size: 64$"):
         check_input_size(fcn, 32)
     with pytest.raises(ValueError, match="must be a whole number"):
         check_input_size(fcn, 64.0)

@@ -52,7 +52,7 @@ def test_bad_model_and_class_options_are_refused_before_any_work(tmp_path, chang
 
 
 def test_a_crop_too_small_for_fcn6_is_refused_with_the_nearest_size(tmp_path):
-    with pytest.raises(OptionError, match="--crop 32 does not fit a fcn32s .* nearest valid sizes: 64"):
+    with pytest.raises(OptionError, match="--crop 32 is too small for a fcn32s .* the smallest valid size: 64"):
         Trainer(tiny_options(tmp_path / "run", model="fcn32s", classes=3, crop=32), log=lambda m: None)
     assert not (tmp_path / "run").exists()
 

@@ -165,6 +165,9 @@ def check_input_size(model, size: int, what: str = "crop size") -> int:
         return size
     below, above = nearest_input_sizes(model, size)
     nearest = f"{below} or {above}" if below else f"{above}"
+    if not isinstance(model, UNet) and size % POOLING_MULTIPLE == 0:     # a multiple, but fc6 does not fit
+        raise ValueError(f"{what} {size} is too small for a {model_kind(model)} (its 7x7 fc6 needs 7 pixels "
+                         f"after five poolings); the smallest valid size: {above}")
     raise ValueError(f"{what} {size} does not fit a {model_kind(model)} (sides must be multiples of "
                      f"{input_multiple(model)}"
                      f"{' that stay whole under its unpadded convs' if getattr(model.config, 'padding', 'same') == 'valid' else ''}"
