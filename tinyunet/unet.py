@@ -526,8 +526,8 @@ class UNet:
         shapes alone (tinyunet.infer sizes its tiles and batches with it):
 
             parameters                    every weight and bias
-          + workspace                     the largest 'cols' and the largest 'padded' slot of
-                                          the convs (grow-only buffers kept between calls)
+          + workspace                     the largest 'cols' slot of the convs (one grow-only
+                                          buffer kept between calls, see conv._scratch)
           + max over the layers of        what is alive when the layer runs (its input, the
             alive + output + temporary    skips waiting for their concat, the input x) plus what
                                           it allocates: its output (none for a ReLU, run in
@@ -546,7 +546,7 @@ class UNet:
         Test: tests/test_infer.py::test_inference_bytes_bound_what_numpy_allocates."""
         item = self.dtype.itemsize
         alive = []                                    # (weak reference, bytes) of every array made
-        slots = {"cols": 0, "padded": 0}
+        slots = {"cols": 0}
         peak = [0, None]
 
         def nbytes(a):
@@ -567,7 +567,7 @@ class UNet:
 
         self._walk_shapes(input_shape, visit, made=lambda a: alive.append((weakref.ref(a), nbytes(a))))
         parameters = sum(int(v.size) * v.dtype.itemsize for v in self.parameters().values())
-        result = {"parameters": parameters, "workspace": slots["cols"] + slots["padded"],
+        result = {"parameters": parameters, "workspace": sum(slots.values()),
                   "activations": peak[0], "peak_layer": peak[1]}
         return result if parts else parameters + result["workspace"] + result["activations"]
 

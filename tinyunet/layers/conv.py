@@ -145,13 +145,13 @@ class Conv2d(Layer):
 
     def inference_bytes(self, x_shape) -> tuple[int, str, int]:
         """What a forward inside no_grad() allocates besides its output, for an x of x_shape:
-        (temporary bytes, freed when it returns; the workspace slot it uses, 'cols' or
-        'padded'; that slot's bytes, kept for reuse by the next conv; see _scratch).
+        (temporary bytes, freed when it returns; the workspace slot it uses, 'cols' for every
+        method; that slot's bytes, kept for reuse by the next conv; see _scratch).
 
             winograd   U, the transformed weights: (t + 2)^2 * F * C * itemsize, and with
                        several pieces one piece's output; workspace 'cols': V and M
             shifted    the wide output and one tap's product, 2 * N * F * OH * (W + pads)
-                       * itemsize; workspace 'padded': the padded copy of x
+                       * itemsize; workspace 'cols': the padded copy of x
             im2col, flip   nothing (the products write into y); workspace 'cols': a piece's
                        columns (workspace_bytes, which also counts flip's backward piece)
             1x1 pointwise  nothing, no workspace
@@ -163,7 +163,7 @@ class Conv2d(Layer):
         if method == "shifted":
             (pt, pb), (pl, pr) = pad
             oh = self.output_shape(x_shape)[2]
-            return 2 * n * f * oh * (w + pl + pr) * itemsize, "padded", self.workspace_bytes(x_shape)
+            return 2 * n * f * oh * (w + pl + pr) * itemsize, "cols", self.workspace_bytes(x_shape)
         temporary = 0
         if method == "winograd":
             t = _winograd_tile(x_shape, pad)
@@ -617,7 +617,10 @@ def _flat_padded(x, padding, kw):
     n, c, h, w = x.shape
     (pt, pb), (pl, pr) = padding
     hp, wp = h + pt + pb, w + pl + pr
-    flat = _scratch(xp, (n, c, hp * wp + kw - 1), x.dtype, slot="padded")
+    # In the block the columns use: no conv needs both at once (the shifted backward's dx
+    # builds its columns after dW has read this copy). A slot of its own kept 68 MB resident
+    # beside the columns' 64 MiB in every 512x512 prediction after the first (issue 18).
+    flat = _scratch(xp, (n, c, hp * wp + kw - 1), x.dtype)
     flat[...] = 0
     flat[:, :, :hp * wp].reshape(n, c, hp, wp)[:, :, pt:pt + h, pl:pl + w] = x
     return flat, hp, wp
