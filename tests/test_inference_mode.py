@@ -321,3 +321,22 @@ def test_unwritten_gradients_and_freed_activations_are_not_resident():
         pytest.skip("tinyunet did not set glibc's malloc threshold here (not glibc, or the user tuned malloc)")
     assert seen["outside"] > 60 * mb and seen["after"] > 60 * mb, seen       # training's heap keeps it
     assert seen["inside"] < 8 * mb, seen                                      # no_grad() gives it back
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_shifted_forward_in_bands_equals_one_pass(dtype):
+    """The shifted conv (few output channels: the U-Net's head) runs its forward in bands of
+    output rows once x's padded copy exceeds WORKSPACE_BYTES (one row, one image, several
+    rows per band here): each output is the same sum over the same taps in the same order, so
+    the numbers are the one pass's, bit for bit, in training mode as in no_grad()."""
+    x = np.random.default_rng(8).standard_normal((2, 6, 20, 13)).astype(dtype)
+    layer = Conv2d(6, 2, 3, seed=0, dtype=dtype)
+    assert conv._resolve_method(layer.params["weight"], ((1, 1), (1, 1)), (1, 1), x.shape) == "shifted"
+    whole = layer.forward(x)
+    for workspace, bands in ((1, 40), (6 * 15 * dtype().itemsize * 4, 10), (10 ** 5, 1)):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(conv, "WORKSPACE_BYTES", workspace)
+            assert len(conv._shifted_pieces(x.shape, (3, 3), ((1, 1), (1, 1)), x.itemsize)) == bands
+            np.testing.assert_array_equal(layer.forward(x), whole)
+            with tinyunet.no_grad():
+                np.testing.assert_array_equal(layer.forward(x), whole)
