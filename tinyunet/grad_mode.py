@@ -39,10 +39,11 @@ _state = threading.local()
 # arrays, parameters, workspace and imports (examples/RESULTS.md, issue 18). So while any thread
 # is inside no_grad() the threshold is INFERENCE_MMAP_THRESHOLD (32 MiB, glibc's own upper
 # bound for its adaptive threshold): blocks of that size or more (the large activations) are
-# mapped fresh and given back to the kernel when freed, and the heap's free pages are given
-# back on entry (malloc_trim). The cost is page faults on each fresh large array (with the
-# transparent huge pages NumPy asks for, one per 2 MB). Smaller blocks stay in the heap: the
-# Numba kernels' per-task buffers (2-10 MB) would otherwise be mapped and unmapped per task.
+# mapped fresh and given back to the kernel when freed. The cost is page faults on each fresh
+# large array (with the transparent huge pages NumPy asks for, one per 2 MB). Smaller blocks
+# stay in the heap: the Numba kernels' per-task buffers (2-10 MB) would otherwise be mapped
+# and unmapped per task. (Giving the heap's free pages back on entry too, malloc_trim, did not
+# lower the 512x512 peak, 0.658 GB either way, and cost 6,000 more page faults a forward.)
 # Only when tinyunet made the setting (tinyunet.MALLOPT_APPLIED): a user's own malloc tuning
 # is left alone. Process-wide, as malloc is, so the first thread to enter sets it and the last
 # to leave puts 1 GiB back; a training forward in another thread meanwhile runs unchanged, only
@@ -68,7 +69,6 @@ def _enter_inference_malloc():
         _malloc["inside"] += 1
         if _malloc["inside"] == 1 and (libc := _libc()) is not None:
             libc.mallopt(_M_MMAP_THRESHOLD, INFERENCE_MMAP_THRESHOLD)
-            libc.malloc_trim(0)
 
 
 def _leave_inference_malloc():

@@ -153,8 +153,8 @@ def auto_tile(model, shape, margin: int, memory_budget: int = DEFAULT_MEMORY_BUD
     the largest workspace, and the peak of what is alive plus what each layer allocates).
 
     Memory grows with the tile's area (about 1.0 kB per pixel for the exact U-Net in float32,
-    plus 0.25-0.35 GB of parameters and workspace), so the default 0.9 GB picks a 576-pixel
-    tile for a 512x512 slice (one pass) and 736-pixel tiles for a 4096x4096 one. Raises
+    plus 0.19 GB of parameters and workspace), so the default 0.9 GB picks a 576-pixel
+    tile for a 512x512 slice (one pass) and 816-pixel tiles for a 4096x4096 one. Raises
     ValueError when not even the smallest valid tile fits."""
     config, c = model.config, model.config.in_channels
     need = max(shape) + 2 * margin
