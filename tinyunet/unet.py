@@ -538,10 +538,11 @@ class UNet:
         Liveness is not written out by hand: ``_graph`` runs on placeholders and an array counts
         as alive while the graph still holds it (a weak reference tells), which is when the
         real forward holds it. Not counted: the Python and library baseline of the process
-        (tinyunet with NumPy and Numba about 0.35 GB resident after import), gradients of a
-        model that was trained in this process, and what the allocator keeps: at 512x512 the
-        estimate is 0.55 GB and the peak resident memory 1.00 GB, 0.77 GB over the baseline
-        after import, about 1.4x (examples/RESULTS.md). ``parts=True`` returns
+        (tinyunet with NumPy and Numba about 0.10 GB resident after import), gradients of a
+        model that was trained in this process (an untrained model's are never written, so
+        never resident: Layer.zero_grad), and what the allocator keeps: at 512x512 the estimate
+        is 0.48 GB and the peak resident memory 0.68 GB, 0.58 GB over the baseline after
+        import, about 1.2x (examples/RESULTS.md, issue 18). ``parts=True`` returns
         {'parameters', 'workspace', 'activations', 'peak_layer'} instead.
         Test: tests/test_infer.py::test_inference_bytes_bound_what_numpy_allocates."""
         item = self.dtype.itemsize
