@@ -58,7 +58,8 @@ def tile_geometry(config, tile: int, margin: int):
 
 # The default memory budget of a prediction: the model's parameters plus the activations and
 # workspaces of one batch of tiles, as UNet.inference_bytes estimates them. Resident memory
-# measured about 1.4x that estimate plus the process's 0.25 GB baseline (examples/RESULTS.md),
+# measured 1.2-1.25x that estimate plus the process's 0.10 GB baseline (examples/RESULTS.md:
+# TTA of a 512x512 slice, two 576x576 views per forward, estimated 0.87 GB, peaked at 1.19 GB),
 # so 0.9 GB keeps a whole prediction, TTA included, under 1.5 GB.
 DEFAULT_MEMORY_BUDGET = 900 * 10 ** 6
 MAX_BATCH = 8                      # the eight TTA views of a small image fit in one batch
