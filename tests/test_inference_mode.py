@@ -263,3 +263,80 @@ def test_fcn_and_segnet_keep_no_array_after_a_no_grad_forward(network):
     assert {name: arrays_kept(layer) for name, layer in model.layers.items() if arrays_kept(layer)} == {}
     with pytest.raises(RuntimeError, match="no_grad"):
         model.backward(np.ones_like(expected))
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory the process holds (issue 18): gradients never written, and freed activations
+# ---------------------------------------------------------------------------------------------
+_RESIDENT_PROBE = r"""
+import json, sys
+import numpy as np
+import tinyunet
+from tinyunet.unet import UNet
+
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+def held_after_freeing_a_hole():
+    # 64 MB written, then 1 MB above it, then the 64 MB freed: a hole below a live block,
+    # which glibc's heap keeps resident, and a mapping given back when it was mapped.
+    before = resident()
+    hole = np.ones(2 ** 24, dtype=np.float32)
+    above = np.ones(2 ** 18, dtype=np.float32)
+    del hole
+    held = resident() - before
+    del above
+    return held
+
+before = resident()
+model = UNet()
+built = resident() - before
+parameters = sum(v.nbytes for v in model.parameters().values())
+outside = held_after_freeing_a_hole()
+with tinyunet.no_grad():
+    inside = held_after_freeing_a_hole()
+after = held_after_freeing_a_hole()
+print(json.dumps(dict(built=built, parameters=parameters, outside=outside, inside=inside, after=after,
+                      applied=tinyunet.MALLOPT_APPLIED)))
+"""
+
+
+def test_unwritten_gradients_and_freed_activations_are_not_resident():
+    """Measured in a fresh process (/proc/self/statm): building the exact U-Net makes its
+    parameters resident, not also its zero gradients, which only a backward writes (zeros by
+    calloc: the kernel maps the pages on first write); and inside no_grad() a freed 64 MB array
+    goes back to the kernel, where outside (tinyunet's heap setting for training) and again
+    after the block it stays in the process (tinyunet/grad_mode.py)."""
+    import json
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _RESIDENT_PROBE], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    mb = 2 ** 20
+    # zeros_like gradients made 2x the parameters resident (248 MB for 124 MB)
+    assert seen["parameters"] <= seen["built"] < 1.3 * seen["parameters"], seen
+    if not seen["applied"]:
+        pytest.skip("tinyunet did not set glibc's malloc threshold here (not glibc, or the user tuned malloc)")
+    assert seen["outside"] > 60 * mb and seen["after"] > 60 * mb, seen       # training's heap keeps it
+    assert seen["inside"] < 8 * mb, seen                                      # no_grad() gives it back
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_shifted_forward_in_bands_equals_one_pass(dtype):
+    """The shifted conv (few output channels: the U-Net's head) runs its forward in bands of
+    output rows once x's padded copy exceeds WORKSPACE_BYTES (one row, one image, several
+    rows per band here): each output is the same sum over the same taps in the same order, so
+    the numbers are the one pass's, bit for bit, in training mode as in no_grad()."""
+    x = np.random.default_rng(8).standard_normal((2, 6, 20, 13)).astype(dtype)
+    layer = Conv2d(6, 2, 3, seed=0, dtype=dtype)
+    assert conv._resolve_method(layer.params["weight"], ((1, 1), (1, 1)), (1, 1), x.shape) == "shifted"
+    whole = layer.forward(x)
+    for workspace, bands in ((1, 40), (6 * 15 * dtype().itemsize * 4, 10), (10 ** 5, 1)):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(conv, "WORKSPACE_BYTES", workspace)
+            assert len(conv._shifted_pieces(x.shape, (3, 3), ((1, 1), (1, 1)), x.itemsize)) == bands
+            np.testing.assert_array_equal(layer.forward(x), whole)
+            with tinyunet.no_grad():
+                np.testing.assert_array_equal(layer.forward(x), whole)

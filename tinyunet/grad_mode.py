@@ -30,6 +30,54 @@ import threading
 _state = threading.local()
 
 
+# -- where freed arrays go inside no_grad() ---------------------------------------------------
+# tinyunet/__init__.py asks glibc to serve every block from its heap and keep it there when
+# freed (M_MMAP_THRESHOLD = 1 GiB): a training step reallocates the same large arrays each step
+# and then finds their pages already mapped. A forward inside no_grad() instead frees each
+# activation once its reader has run, and the next arrays rarely fit the holes exactly: the
+# heap fragments, and at 512x512 the process held 0.87 GB at the peak for 0.56 GB of live
+# arrays, parameters, workspace and imports (examples/RESULTS.md, issue 18). So while any thread
+# is inside no_grad() the threshold is INFERENCE_MMAP_THRESHOLD (32 MiB, glibc's own upper
+# bound for its adaptive threshold): blocks of that size or more (the large activations) are
+# mapped fresh and given back to the kernel when freed. The cost is page faults on each fresh
+# large array (with the transparent huge pages NumPy asks for, one per 2 MB). Smaller blocks
+# stay in the heap: the Numba kernels' per-task buffers (2-10 MB) would otherwise be mapped
+# and unmapped per task. (Giving the heap's free pages back on entry too, malloc_trim, did not
+# lower the 512x512 peak, 0.658 GB either way, and cost 6,000 more page faults a forward.)
+# Only when tinyunet made the setting (tinyunet.MALLOPT_APPLIED): a user's own malloc tuning
+# is left alone. Process-wide, as malloc is, so the first thread to enter sets it and the last
+# to leave puts 1 GiB back; a training forward in another thread meanwhile runs unchanged, only
+# with fresh pages for its large arrays.
+INFERENCE_MMAP_THRESHOLD = 32 * 2 ** 20
+_M_MMAP_THRESHOLD = -3
+_malloc = {"inside": 0, "lock": threading.Lock(), "libc": None}
+
+
+def _libc():
+    """glibc through ctypes, or None where tinyunet did not set its malloc threshold."""
+    import tinyunet                              # set up by now: grad_mode is used after import
+    if not getattr(tinyunet, "MALLOPT_APPLIED", False):
+        return None
+    if _malloc["libc"] is None:
+        import ctypes
+        _malloc["libc"] = ctypes.CDLL("libc.so.6")
+    return _malloc["libc"]
+
+
+def _enter_inference_malloc():
+    with _malloc["lock"]:
+        _malloc["inside"] += 1
+        if _malloc["inside"] == 1 and (libc := _libc()) is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, INFERENCE_MMAP_THRESHOLD)
+
+
+def _leave_inference_malloc():
+    with _malloc["lock"]:
+        _malloc["inside"] -= 1
+        if _malloc["inside"] == 0 and (libc := _libc()) is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)          # tinyunet/__init__.py's setting
+
+
 def is_grad_enabled() -> bool:
     """False inside ``no_grad()``: forwards then keep nothing for a backward."""
     return getattr(_state, "enabled", True)
@@ -41,10 +89,12 @@ def no_grad():
     Nests; the previous setting comes back when the block ends, also on an error."""
     previous = is_grad_enabled()
     _state.enabled = False
+    _enter_inference_malloc()
     try:
         yield
     finally:
         _state.enabled = previous
+        _leave_inference_malloc()
 
 
 @contextlib.contextmanager

@@ -84,7 +84,8 @@ def tile_geometry(config, tile: int, margin: int):
 
 # The default memory budget of a prediction: the model's parameters plus the activations and
 # workspaces of one batch of tiles, as UNet.inference_bytes estimates them. Resident memory
-# measured about 1.4x that estimate plus the process's 0.25 GB baseline (examples/RESULTS.md),
+# measured 1.2-1.25x that estimate plus the process's 0.10 GB baseline (examples/RESULTS.md:
+# TTA of a 512x512 slice, two 576x576 views per forward, estimated 0.87 GB, peaked at 1.19 GB),
 # so 0.9 GB keeps a whole prediction, TTA included, under 1.5 GB.
 DEFAULT_MEMORY_BUDGET = 900 * 10 ** 6
 MAX_BATCH = 8                      # the eight TTA views of a small image fit in one batch
@@ -192,8 +193,8 @@ def auto_tile(model, shape, margin: int, memory_budget: int = DEFAULT_MEMORY_BUD
     the largest workspace, and the peak of what is alive plus what each layer allocates).
 
     Memory grows with the tile's area (about 1.0 kB per pixel for the exact U-Net in float32,
-    plus 0.25-0.35 GB of parameters and workspace), so the default 0.9 GB picks a 576-pixel
-    tile for a 512x512 slice (one pass) and 736-pixel tiles for a 4096x4096 one. Raises
+    plus 0.19 GB of parameters and workspace), so the default 0.9 GB picks a 576-pixel
+    tile for a 512x512 slice (one pass) and 816-pixel tiles for a 4096x4096 one. Raises
     ValueError when not even the smallest valid tile fits."""
     config, c = model.config, model.config.in_channels
     padding = _padding(config)

@@ -556,8 +556,8 @@ class UNet:
         shapes alone (tinyunet.infer sizes its tiles and batches with it):
 
             parameters                    every weight and bias
-          + workspace                     the largest 'cols' and the largest 'padded' slot of
-                                          the convs (grow-only buffers kept between calls)
+          + workspace                     the largest 'cols' slot of the convs (one grow-only
+                                          buffer kept between calls, see conv._scratch)
           + max over the layers of        what is alive when the layer runs (its input, the
             alive + output + temporary    skips waiting for their concat, the input x) plus what
                                           it allocates: its output (none for a ReLU, run in
@@ -568,15 +568,16 @@ class UNet:
         Liveness is not written out by hand: ``_graph`` runs on placeholders and an array counts
         as alive while the graph still holds it (a weak reference tells), which is when the
         real forward holds it. Not counted: the Python and library baseline of the process
-        (tinyunet with NumPy and Numba about 0.35 GB resident after import), gradients of a
-        model that was trained in this process, and what the allocator keeps: at 512x512 the
-        estimate is 0.55 GB and the peak resident memory 1.00 GB, 0.77 GB over the baseline
-        after import, about 1.4x (examples/RESULTS.md). ``parts=True`` returns
+        (tinyunet with NumPy and Numba about 0.10 GB resident after import), gradients of a
+        model that was trained in this process (an untrained model's are never written, so
+        never resident: Layer.zero_grad), and what the allocator keeps: at 512x512 the estimate
+        is 0.48 GB and the peak resident memory 0.68 GB, 0.58 GB over the baseline after
+        import, about 1.2x (examples/RESULTS.md, issue 18). ``parts=True`` returns
         {'parameters', 'workspace', 'activations', 'peak_layer'} instead.
         Test: tests/test_infer.py::test_inference_bytes_bound_what_numpy_allocates."""
         item = self.dtype.itemsize
         alive = []                                    # (weak reference, bytes) of every array made
-        slots = {"cols": 0, "padded": 0}
+        slots = {"cols": 0}
         peak = [0, None]
 
         def nbytes(a):
@@ -597,7 +598,7 @@ class UNet:
 
         self._walk_shapes(input_shape, visit, made=lambda a: alive.append((weakref.ref(a), nbytes(a))))
         parameters = sum(int(v.size) * v.dtype.itemsize for v in self.parameters().values())
-        result = {"parameters": parameters, "workspace": slots["cols"] + slots["padded"],
+        result = {"parameters": parameters, "workspace": sum(slots.values()),
                   "activations": peak[0], "peak_layer": peak[1]}
         return result if parts else parameters + result["workspace"] + result["activations"]
 

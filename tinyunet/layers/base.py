@@ -108,8 +108,14 @@ class Layer:
         return keep
 
     def zero_grad(self):
+        """Zero gradients of the parameters' shapes. ``xp.zeros`` and not ``zeros_like``: NumPy's
+        zeros of a large array is calloc, whose pages the kernel maps only when first written,
+        while zeros_like writes every byte at once. A model that only predicts never writes its
+        gradients, so they cost it nothing (124 MB resident at the exact U-Net's width, a tenth of
+        a 512x512 prediction's peak, before: examples/RESULTS.md, issue 18); a backward replaces
+        them anyway. Test: tests/test_inference_mode.py::test_unwritten_gradients_are_not_resident."""
         for key, value in self.params.items():
-            self.grads[key] = get_array_module(value).zeros_like(value)
+            self.grads[key] = get_array_module(value).zeros(value.shape, dtype=value.dtype)
 
     # -- checks -----------------------------------------------------------------------------
     def _check_array(self, x, what: str = "input", ndim: int | None = 4, channels: int | None = None):

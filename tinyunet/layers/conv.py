@@ -145,13 +145,14 @@ class Conv2d(Layer):
 
     def inference_bytes(self, x_shape) -> tuple[int, str, int]:
         """What a forward inside no_grad() allocates besides its output, for an x of x_shape:
-        (temporary bytes, freed when it returns; the workspace slot it uses, 'cols' or
-        'padded'; that slot's bytes, kept for reuse by the next conv; see _scratch).
+        (temporary bytes, freed when it returns; the workspace slot it uses, 'cols' for every
+        method; that slot's bytes, kept for reuse by the next conv; see _scratch).
 
             winograd   U, the transformed weights: (t + 2)^2 * F * C * itemsize, and with
                        several pieces one piece's output; workspace 'cols': V and M
-            shifted    the wide output and one tap's product, 2 * N * F * OH * (W + pads)
-                       * itemsize; workspace 'padded': the padded copy of x
+            shifted    per band of output rows (_forward_shifted), the wide output and one
+                       tap's product, 2 * N * F * rows * (W + pads) * itemsize, and the band's
+                       output when there are several; workspace 'cols': the band's padded copy
             im2col, flip   nothing (the products write into y); workspace 'cols': a piece's
                        columns (workspace_bytes, which also counts flip's backward piece)
             1x1 pointwise  nothing, no workspace
@@ -160,10 +161,17 @@ class Conv2d(Layer):
         f, itemsize = self.out_channels, np.dtype(self.dtype).itemsize
         pad = resolve_padding(self.padding, self.kernel_size, self.stride, (h, w))
         method = _resolve_method(self.params["weight"], pad, self.stride, x_shape)
-        if method == "shifted":
-            (pt, pb), (pl, pr) = pad
-            oh = self.output_shape(x_shape)[2]
-            return 2 * n * f * oh * (w + pl + pr) * itemsize, "padded", self.workspace_bytes(x_shape)
+        if method == "shifted":              # per band (_forward_shifted): wide, part, and the
+            (pt, pb), (pl, pr) = pad           # band's y when there are several bands
+            (kh, kw), wp = self.kernel_size, w + pl + pr
+            parts = _shifted_pieces(x_shape, self.kernel_size, pad, itemsize)
+            ow = self.output_shape(x_shape)[3]
+            temporary, workspace = 0, 0
+            for p in parts:
+                m, rows = (n if p.image == slice(None) else 1), p.out_rows[1] - p.out_rows[0]
+                temporary = max(temporary, m * f * rows * (2 * wp + (ow if len(parts) > 1 else 0)) * itemsize)
+                workspace = max(workspace, m * c * ((rows + kh - 1) * wp + kw - 1) * itemsize)
+            return temporary, "cols", workspace
         temporary = 0
         if method == "winograd":
             t = _winograd_tile(x_shape, pad)
@@ -617,13 +625,42 @@ def _flat_padded(x, padding, kw):
     n, c, h, w = x.shape
     (pt, pb), (pl, pr) = padding
     hp, wp = h + pt + pb, w + pl + pr
-    flat = _scratch(xp, (n, c, hp * wp + kw - 1), x.dtype, slot="padded")
+    # In the block the columns use: no conv needs both at once (the shifted backward's dx
+    # builds its columns after dW has read this copy). A slot of its own kept 68 MB resident
+    # beside the columns' 64 MiB in every 512x512 prediction after the first (issue 18).
+    flat = _scratch(xp, (n, c, hp * wp + kw - 1), x.dtype)
     flat[...] = 0
     flat[:, :, :hp * wp].reshape(n, c, hp, wp)[:, :, pt:pt + h, pl:pl + w] = x
     return flat, hp, wp
 
 
+def _shifted_pieces(x_shape, kernel, padding, itemsize):
+    """pieces() for the shifted forward: per output row its padded copy holds C * Wp numbers."""
+    c, w = x_shape[1], x_shape[3]
+    (pl, pr) = padding[1]
+    return pieces(x_shape, kernel, padding, (1, 1), itemsize, row_bytes=c * (w + pl + pr) * itemsize)
+
+
 def _forward_shifted(x, weight, bias, padding):
+    """y by the shifted products, a band of output rows at a time when x's padded copy exceeds
+    WORKSPACE_BYTES: each band is the same sum over a padded copy of the rows it reads (pieces()
+    gives them and their padding), so the copy stays within the workspace. The U-Net's head
+    (64 -> 2 channels) at 512x512 otherwise copied 68 MB, at 1024x1024 270 MB, for products
+    that take milliseconds. The backward still copies x whole (_weight_grad_shifted).
+    Test: tests/test_inference_mode.py::test_shifted_forward_in_bands_equals_one_pass."""
+    f, _, kh, kw = weight.shape
+    parts = _shifted_pieces(x.shape, (kh, kw), padding, x.itemsize)
+    if len(parts) == 1:
+        return _forward_shifted_whole(x, weight, bias, padding)
+    _, _, _, (oh, ow) = kernels.normalize(x.shape, (kh, kw), padding, (1, 1))
+    y = get_array_module(x).empty((x.shape[0], f, oh, ow), dtype=x.dtype)
+    for piece in parts:
+        r0, r1 = piece.out_rows
+        y[piece.image, :, r0:r1] = _forward_shifted_whole(_band(x, piece), weight, bias, piece.padding)
+    return y
+
+
+def _forward_shifted_whole(x, weight, bias, padding):
     """y as kh*kw products of shifted views of the flat padded x ('shifted' above)."""
     xp = get_array_module(x)
     f, c, kh, kw = weight.shape
