@@ -81,6 +81,29 @@ def smallest_input_pad(size: int, width: int, classes: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # tinyunet
 # ---------------------------------------------------------------------------------------------
+def layer_timer(model):
+    """Wrap model._run and model._back (the one place every layer's forward and backward goes
+    through, tinyunet/network.py) to add up, per (direction, layer type), the wall time and the
+    process's CPU time. Returns the dict it fills: {('F' | 'B', type): [wall s, cpu s]}.
+    CPU time counts the work of every thread of this process and none of the machine's other
+    processes: on a shared machine it moves much less than the wall time does."""
+    import collections
+    totals = collections.defaultdict(lambda: [0.0, 0.0])
+    run, back = model._run, model._back
+
+    def timed(direction, call):
+        def wrapper(name, *args):
+            wall, cpu = time.perf_counter(), time.process_time()
+            out = call(name, *args)
+            entry = totals[(direction, type(model.layers[name]).__name__)]
+            entry[0] += time.perf_counter() - wall
+            entry[1] += time.process_time() - cpu
+            return out
+        return wrapper
+    model._run, model._back = timed("F", run), timed("B", back)
+    return totals
+
+
 def tinyunet_step_fn(network: str, settings: dict, size: int, batch: int):
     import numpy as np
 
@@ -221,7 +244,7 @@ def torch_step_fn(network: str, settings: dict, size: int, batch: int, offsets: 
 # one framework, one network, one size, in this process
 # ---------------------------------------------------------------------------------------------
 def worker(framework: str, network: str, settings: dict, size: int, batch: int, steps: int, threads: int,
-           offsets: dict) -> dict:
+           offsets: dict, profile: bool = False) -> dict:
     if framework == "tinyunet":                         # import first, so the baseline includes it
         import numba
 
@@ -242,20 +265,28 @@ def worker(framework: str, network: str, settings: dict, size: int, batch: int, 
     else:
         step, model = torch_step_fn(network, settings, size, batch, offsets)
         parameters = int(sum(p.numel() for p in model.parameters()))
+    totals = layer_timer(model) if profile else None
     step()                                              # warm-up: compilation, first allocations
-    times = []
+    if totals is not None:
+        totals.clear()
+    times, cpu_times = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
-    return {"framework": framework, "network": network, "size": size, "batch": batch, "times": times,
-            "threads": used_threads, "parameters": parameters, "peak_rss": peak_rss(),
-            "rss_after_imports": rss_start}
+        cpu_times.append(time.process_time() - cpu)
+    result = {"framework": framework, "network": network, "size": size, "batch": batch, "times": times,
+              "cpu_times": cpu_times, "threads": used_threads, "parameters": parameters, "peak_rss": peak_rss(),
+              "rss_after_imports": rss_start}
+    if totals is not None:
+        result["layers"] = {f"{d} {kind}": [wall / steps, cpu / steps] for (d, kind), (wall, cpu) in totals.items()}
+    return result
 
 
 def run_worker(framework, network, settings, size, args, offsets) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", framework, network, json.dumps(settings),
-               str(size), str(args.batch), str(args.steps), str(args.threads), json.dumps(offsets)]
+               str(size), str(args.batch), str(args.steps), str(args.threads), json.dumps(offsets),
+               str(int(args.profile and framework == "tinyunet"))]
     env = dict(STARTING_ENVIRONMENT)
     if framework == "tinyunet":                         # Numba's pool and OpenBLAS's, as PyTorch's
         env.update(NUMBA_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads))
@@ -266,12 +297,15 @@ def run_worker(framework, network, settings, size, args, offsets) -> dict:
 
 
 def report_lines(label: str, pooled: dict, runs: dict) -> list[str]:
-    """Per framework: median step time (min, max, n) and peak RSS; then the ratios."""
+    """Per framework: median step time (min, max, n), median CPU time of the process per step
+    (all its threads; it includes threads that spin while they wait, so it is not the work
+    alone), peak RSS; then the ratios of the medians."""
     lines = []
     for framework, times in pooled.items():
         peak = max(runs[framework], key=lambda r: r["peak_rss"])
         lines.append(f"{framework:>8}  {label}  median {1000 * statistics.median(times):8.1f} ms"
                      f"  (min {1000 * min(times):.1f}, max {1000 * max(times):.1f}, n={len(times)})"
+                     f"  CPU {1000 * statistics.median(t for r in runs[framework] for t in r['cpu_times']):.1f} ms"
                      f"  peak RSS {peak['peak_rss'] / 1e9:.2f} GB"
                      f" (+{(peak['peak_rss'] - peak['rss_after_imports']) / 1e9:.2f} GB over imports)"
                      f"  {runs[framework][0]['parameters']:,} params, {runs[framework][0]['threads']} threads")
@@ -279,6 +313,18 @@ def report_lines(label: str, pooled: dict, runs: dict) -> list[str]:
         ratio = statistics.median(pooled["tinyunet"]) / statistics.median(pooled["torch"])
         rss = max(r["peak_rss"] for r in runs["tinyunet"]) / max(r["peak_rss"] for r in runs["torch"])
         lines.append(f"   ratio  {label}  time tinyunet/torch {ratio:.2f}x   peak RSS tinyunet/torch {rss:.2f}x")
+    return lines
+
+
+def profile_lines(runs: list) -> list[str]:
+    """tinyunet's per-layer-type times, the median over its processes, largest first."""
+    kinds = sorted({kind for r in runs for kind in r["layers"]})
+    rows = [(kind, statistics.median(r["layers"].get(kind, [0, 0])[0] for r in runs),
+             statistics.median(r["layers"].get(kind, [0, 0])[1] for r in runs)) for kind in kinds]
+    cpu = statistics.median(t for r in runs for t in r["cpu_times"])
+    lines = [f"          tinyunet CPU time per step {1000 * cpu:.1f} ms; per layer type, wall / CPU ms per step:"]
+    lines += [f"            {kind:<20} {1000 * wall:8.1f} {1000 * c:8.1f}" for kind, wall, c in
+              sorted(rows, key=lambda row: -row[2])]
     return lines
 
 
@@ -304,9 +350,9 @@ def cpu_model() -> str:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--worker"]:
-        framework, network, settings, size, batch, steps, threads, offsets = argv[1:]
+        framework, network, settings, size, batch, steps, threads, offsets, profile = argv[1:]
         print(json.dumps(worker(framework, network, json.loads(settings), int(size), int(batch), int(steps),
-                                int(threads), json.loads(offsets))))
+                                int(threads), json.loads(offsets), profile == "1")))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
@@ -321,6 +367,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=2, help="alternate the frameworks' processes this many times")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
+    parser.add_argument("--profile", action="store_true",
+                        help="also time tinyunet's layers by type, forward (F) and backward (B): wall and CPU ms per step")
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args(argv)
     if min(args.steps, args.rounds, args.batch, args.threads, args.classes - 1, *args.widths, *args.sizes) < 1:
@@ -355,6 +403,9 @@ def main(argv=None):
                         runs[framework].append(r)
                 for line in report_lines(label, pooled, runs):
                     print(line, flush=True)
+                if args.profile and runs.get("tinyunet"):
+                    for line in profile_lines(runs["tinyunet"]):
+                        print(line, flush=True)
     print(f"# load average after: {load_average()}")
     if args.json:
         with open(args.json, "w") as handle:

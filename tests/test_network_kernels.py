@@ -139,3 +139,21 @@ def test_ceil_pool_kernel_without_indices_and_without_keeping():
         return y, layer.forward(x)
     for a, b in zip(*both_paths(run, x)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("h, w", [(7, 5), (8, 8), (1, 3), (2, 1)])
+def test_ceil_pool_kernel_2x2_loop_equals_the_padded_path(h, w):
+    """FCN's and SegNet's 2x2/2 windows take their own loop in the kernel: every size parity,
+    ties among values <= 0 and NaN, forward, indices and backward."""
+    rng = np.random.default_rng(h * 10 + w)
+    x = np.array([-2.0, -1.0, -0.0, 0.0])[rng.integers(0, 4, (2, 3, h, w))]
+    x.reshape(-1)[5::13] = np.nan
+    dy = rng.standard_normal(CeilMaxPool2d(2).output_shape(x.shape))
+
+    def run():
+        layer = CeilMaxPool2d(2, return_indices=True)
+        y, indices = layer.forward(x)
+        return y, indices, layer._argmax, layer.backward(dy)
+    for a, b in zip(*both_paths(run, x, dy)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(np.signbit(a), np.signbit(b))
