@@ -246,10 +246,16 @@ def torch_step_fn(network: str, settings: dict, size: int, batch: int, offsets: 
 def worker(framework: str, network: str, settings: dict, size: int, batch: int, steps: int, threads: int,
            offsets: dict, profile: bool = False) -> dict:
     if framework == "tinyunet":                         # import first, so the baseline includes it
-        import numba
-
+        # tinyunet BEFORE numba (which loads NumPy and with it OpenBLAS): tinyunet's import sets
+        # OPENBLAS_THREAD_TIMEOUT, which OpenBLAS reads once, when it loads; imported the other
+        # way round, OpenBLAS's idle threads spin ~0.1 s after every product and take the cores
+        # from the Numba kernels that follow (tinyunet/__init__.py). A user's script imports
+        # tinyunet first, as every example does.
+        import tinyunet
         import tinyunet.fcn  # noqa: F401
         import tinyunet.kernels
+        import numba
+        assert tinyunet.OPENBLAS_SPIN_SHORTENED or "OPENBLAS_THREAD_TIMEOUT" in os.environ
         import tinyunet.segnet  # noqa: F401
         numba.set_num_threads(threads)
         tinyunet.kernels.implementation_for(__import__("numpy").zeros(1))   # loads Numba
