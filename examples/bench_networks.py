@@ -289,13 +289,15 @@ def worker(framework: str, network: str, settings: dict, size: int, batch: int, 
     return result
 
 
-def run_worker(framework, network, settings, size, args, offsets) -> dict:
+def run_worker(entry, network, settings, size, args, offsets) -> dict:
+    """entry: 'torch', 'tinyunet' (OpenBLAS with --threads threads) or 'tinyunet-blasB'."""
+    framework, blas = (entry.split("-blas") + [None])[:2] if entry.startswith("tinyunet") else (entry, None)
     command = [sys.executable, os.path.abspath(__file__), "--worker", framework, network, json.dumps(settings),
                str(size), str(args.batch), str(args.steps), str(args.threads), json.dumps(offsets),
-               str(int(args.profile and framework == "tinyunet"))]
+               str(int(args.profile and entry == "tinyunet"))]
     env = dict(STARTING_ENVIRONMENT)
     if framework == "tinyunet":                         # Numba's pool and OpenBLAS's, as PyTorch's
-        env.update(NUMBA_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads))
+        env.update(NUMBA_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(blas or args.threads))
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"the {framework} {network} benchmark at {size}x{size} failed:\n{done.stderr[-3000:]}")
@@ -309,16 +311,18 @@ def report_lines(label: str, pooled: dict, runs: dict) -> list[str]:
     lines = []
     for framework, times in pooled.items():
         peak = max(runs[framework], key=lambda r: r["peak_rss"])
-        lines.append(f"{framework:>8}  {label}  median {1000 * statistics.median(times):8.1f} ms"
+        lines.append(f"{framework:>14}  {label}  median {1000 * statistics.median(times):8.1f} ms"
                      f"  (min {1000 * min(times):.1f}, max {1000 * max(times):.1f}, n={len(times)})"
                      f"  CPU {1000 * statistics.median(t for r in runs[framework] for t in r['cpu_times']):.1f} ms"
                      f"  peak RSS {peak['peak_rss'] / 1e9:.2f} GB"
                      f" (+{(peak['peak_rss'] - peak['rss_after_imports']) / 1e9:.2f} GB over imports)"
-                     f"  {runs[framework][0]['parameters']:,} params, {runs[framework][0]['threads']} threads")
-    if "tinyunet" in pooled and "torch" in pooled:
-        ratio = statistics.median(pooled["tinyunet"]) / statistics.median(pooled["torch"])
-        rss = max(r["peak_rss"] for r in runs["tinyunet"]) / max(r["peak_rss"] for r in runs["torch"])
-        lines.append(f"   ratio  {label}  time tinyunet/torch {ratio:.2f}x   peak RSS tinyunet/torch {rss:.2f}x")
+                     f"  {runs[framework][0]['parameters']:,} params, {runs[framework][0]['threads']} threads"
+                     + (f" (OpenBLAS {framework.split('-blas')[1]})" if "-blas" in framework else ""))
+    for entry in pooled:
+        if entry.startswith("tinyunet") and "torch" in pooled:
+            ratio = statistics.median(pooled[entry]) / statistics.median(pooled["torch"])
+            rss = max(r["peak_rss"] for r in runs[entry]) / max(r["peak_rss"] for r in runs["torch"])
+            lines.append(f"   ratio  {label}  time {entry}/torch {ratio:.2f}x   peak RSS {entry}/torch {rss:.2f}x")
     return lines
 
 
@@ -373,6 +377,10 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=2, help="alternate the frameworks' processes this many times")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
+    parser.add_argument("--blas-threads", type=int, nargs="*", default=[],
+                        help="also run tinyunet with OpenBLAS limited to B threads (its Numba kernels keep "
+                             "--threads), as 'tinyunet-blasB': on a busy host OpenBLAS's threads wait for each "
+                             "other by spinning")
     parser.add_argument("--profile", action="store_true",
                         help="also time tinyunet's layers by type, forward (F) and backward (B): wall and CPU ms per step")
     parser.add_argument("--json", help="also write the raw results here")
@@ -399,11 +407,14 @@ def main(argv=None):
                 else:
                     settings = dict(classes=args.classes, in_channels=3, base_width=width)
                     label = f"segnet w{width}  {size}x{size} batch {args.batch}"
-                pooled = {f: [] for f in args.frameworks}
-                runs = {f: [] for f in args.frameworks}
+                entries = [e for f in args.frameworks for e in
+                           ([f] + [f"tinyunet-blas{b}" for b in args.blas_threads] if f == "tinyunet" else [f])]
+                pooled = {f: [] for f in entries}
+                runs = {f: [] for f in entries}
                 for _ in range(args.rounds):
-                    for framework in args.frameworks:
+                    for framework in entries:
                         r = run_worker(framework, network, settings, size, args, offsets)
+                        r["entry"] = framework
                         results.append(r)
                         pooled[framework] += r["times"]
                         runs[framework].append(r)
