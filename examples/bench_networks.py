@@ -31,8 +31,16 @@ PyTorch's process; NUMBA_NUM_THREADS = OPENBLAS_NUM_THREADS = T in tinyunet's (i
 run on Numba's pool, its matrix products on OpenBLAS's).
 
     python examples/bench_networks.py                       # FCN-8s and SegNet, width 16, 128x128, batch 2
+    python examples/bench_networks.py --threads 2 --blas-threads 1 --steps 4 --rounds 2
+    python examples/bench_networks.py --threads 1 --profile # + tinyunet's time per layer type
     python examples/bench_networks.py --networks segnet --widths 32 --rounds 3
-    python examples/bench_networks.py --widths 64 --sizes 128 --steps 2     # the reference width
+    python examples/bench_networks.py --widths 64 --fc-ratio 64 --input-pad 100 --steps 2   # the reference
+
+``--blas-threads B`` adds a tinyunet process whose OpenBLAS has B threads (its Numba kernels
+keep T): OpenBLAS's master thread waits for its workers by spinning, and on a host with more
+runnable threads than cores that turned FCN-8s steps of 0.34 s into 22.5 s of CPU time each
+(examples/RESULTS.md). ``--profile`` wraps the tinyunet model's _run/_back and prints, per
+layer type, forward (F) and backward (B) wall and CPU milliseconds per step.
 
 Figures: examples/RESULTS.md, "FCN-8s and SegNet training step against PyTorch".
 """
