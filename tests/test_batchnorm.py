@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from paths import PATHS, layer_path
 from strategies import seeds
 
 from tinyunet.gradcheck import check_layer
@@ -24,12 +25,14 @@ def make(c, seed):
     return layer
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("training", [True, False])
 @given(shape=shapes, seed=seeds)
-def test_gradients_by_central_differences(training, shape, seed):
+def test_gradients_by_central_differences(path, training, shape, seed):
     layer = make(shape[1], seed).train(training)
     x = 3.0 + 2.0 * np.random.default_rng(seed + 1).standard_normal(shape)
-    errors = check_layer(layer, x, rng=np.random.default_rng(seed))
+    with layer_path(path):
+        errors = check_layer(layer, x, rng=np.random.default_rng(seed))
     assert max(errors.values()) < 1e-6, errors
 
 
@@ -85,17 +88,19 @@ def test_bad_inputs_say_what_to_do():
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("path", PATHS)       # the Numba kernels too (training mode): bar lowered to 1
 @pytest.mark.parametrize("training", [True, False])
 @given(shape=shapes, seed=seeds)
-def test_against_torch(training, shape, seed):
+def test_against_torch(path, training, shape, seed):
     torch = pytest.importorskip("torch")
     layer = make(shape[1], seed).train(training)
     rm, rv = (torch.tensor(layer.buffers[k].copy()) for k in ("running_mean", "running_var"))
     rng = np.random.default_rng(seed + 2)
     x = rng.standard_normal(shape) * 2 + 1
-    y = layer.forward(x)
     dy = rng.standard_normal(shape)
-    dx = layer.backward(dy)
+    with layer_path(path):
+        y = layer.forward(x)
+        dx = layer.backward(dy)
     xt, wt, bt = (torch.tensor(a, requires_grad=True) for a in (x, layer.params["weight"], layer.params["bias"]))
     yt = torch.nn.functional.batch_norm(xt, rm, rv, wt, bt, training=training, momentum=0.1, eps=1e-5)
     yt.backward(torch.tensor(dy))

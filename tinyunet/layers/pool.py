@@ -32,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from tinyunet.backend import get_array_module
-from tinyunet.kernels import cpu_layers
+from tinyunet.kernels import cpu_layers, cpu_networks
 
 from .base import Layer, LayerInputError
 
@@ -154,7 +154,13 @@ class CeilMaxPool2d(MaxPool2d):
     padding's rows (they got no gradient). ``indices()`` counts positions in the unpadded plane.
     Why FCN needs it: its crops fit only if no row is floored away (with floor rounding 25, 109
     and 277 of the square input sizes 1-699 do not fit FCN-8s, -16s and -32s; with ceil, all do).
-    Tests: tests/test_fcn.py (against torch max_pool2d with ceil_mode=True, indices included).
+    For large NumPy arrays a Numba kernel (kernels/cpu_networks.py) skips the padded copy: it
+    clips the last windows at the edge (the padded window minus its -inf entries, which never
+    win: the same y, argmax and ties) and writes the flat indices in the same pass; with
+    disjoint windows (stride = kernel, FCN's and SegNet's 2x2/2) its backward writes dx at the
+    unpadded size directly (no padded dx to cut down).
+    Tests: tests/test_fcn.py (against torch max_pool2d with ceil_mode=True, indices included,
+    both paths) and tests/test_network_kernels.py (the kernel against the padded path).
     """
 
     def output_shape(self, x_shape):
@@ -173,12 +179,36 @@ class CeilMaxPool2d(MaxPool2d):
                                   f"start outside the input), got {k} and {s}")
         rows, cols = (oh - 1) * s + k - x.shape[2], (ow - 1) * s + k - x.shape[3]
         self._unpadded_shape = x.shape
+        if cpu_layers.serves(x) and k * k <= 127:                      # Numba: clipped windows, no copy
+            return self._forward_clipped(x, n, c, oh, ow, rows, cols)
         if rows or cols:
             x = xp.pad(x, ((0, 0), (0, 0), (0, rows), (0, cols)), constant_values=-np.inf)
         return super().forward(x)
 
+    def _forward_clipped(self, x, n, c, oh, ow, rows, cols):
+        """forward by the Numba kernel; keeps what the padded path keeps (the argmax and the
+        padded shape, so that indices() and the overlapping-window backward still apply)."""
+        k, s = self.kernel_size, self.stride
+        h, w = x.shape[2:]
+        y = np.empty((n, c, oh, ow), dtype=x.dtype)
+        argmax = np.empty((n, c, oh, ow), dtype=np.int8)
+        indices = np.empty((n, c, oh, ow) if self.return_indices else (1, 1, 1), dtype=np.int64)
+        cpu_networks.ceil_maxpool_forward(x.reshape(n * c, h, w), y.reshape(n * c, oh, ow),
+                                          argmax.reshape(n * c, oh, ow), indices.reshape(-1, *indices.shape[-2:]),
+                                          k, s, self.return_indices)
+        if self._keeps_for_backward():
+            self._x_shape, self._argmax, self._dtype = (n, c, h + rows, w + cols), argmax, x.dtype
+        return (y, indices) if self.return_indices else y
+
     def backward(self, dy):
         """dy: (N, C, OH, OW) -> dx: (N, C, H, W), the padding's rows dropped."""
+        if self.kernel_size == self.stride and self._argmax is not None and cpu_layers.serves(dy, self._argmax):
+            self._check_grad(dy, self.output_shape(self._x_shape), self._dtype)
+            n, c, oh, ow = dy.shape
+            dx = np.empty(self._unpadded_shape, dtype=dy.dtype)        # every element written once
+            cpu_networks.ceil_maxpool_backward(dy.reshape(n * c, oh, ow), self._argmax.reshape(n * c, oh, ow),
+                                               dx.reshape(n * c, *dx.shape[2:]), self.kernel_size)
+            return dx
         dx = super().backward(dy)
         h, w = self._unpadded_shape[2:]
         return dx if dx.shape[2:] == (h, w) else get_array_module(dx).ascontiguousarray(dx[:, :, :h, :w])

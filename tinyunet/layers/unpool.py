@@ -26,14 +26,19 @@ The indices must be distinct within a plane: true for a pool whose windows do no
 PyTorch then keeps one of them unspecified, and so would this forward. Out-of-range indices
 are refused before any work (CuPy would wrap them silently).
 
-``max_unpool2d_naive`` is the loop definition, the test oracle. Proofs: tests/test_unpool.py
-(loops, central differences, adjoint identity, torch.nn.functional.max_unpool2d).
+Two implementations with one result: the NumPy fancy indexing below (NumPy and CuPy; the
+reference) and, for large NumPy arrays, the Numba kernels of kernels/cpu_networks.py (one task
+per plane: zero it and scatter; the gather), which skip building the (plane, position) index
+pairs. ``max_unpool2d_naive`` is the loop definition, the test oracle. Proofs:
+tests/test_unpool.py (loops, central differences, adjoint identity,
+torch.nn.functional.max_unpool2d, on both paths) and tests/test_network_kernels.py.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from tinyunet.backend import get_array_module
+from tinyunet.kernels import cpu_layers, cpu_networks
 
 from .base import Layer, LayerInputError
 
@@ -85,10 +90,14 @@ class MaxUnpool2d(Layer):
                                   f"not fit an output plane of {out[2]}x{out[3]}; pass size= the pooled "
                                   f"input's (H, W)")
         n, c = x.shape[:2]
-        flat_idx = indices.reshape(n * c, -1).astype(xp.int64, copy=False)
-        rows = xp.arange(n * c)[:, None]                                 # (plane, position) pairs:
-        y = xp.zeros((n * c, plane), dtype=x.dtype)                       # plain fancy indexing, the
-        y[rows, flat_idx] = x.reshape(n * c, -1)                         # same on NumPy and CuPy
+        flat_idx = xp.ascontiguousarray(indices.reshape(n * c, -1), dtype=xp.int64)
+        if cpu_layers.serves(x, flat_idx):                                # Numba: zero + scatter per plane
+            y = np.empty((n * c, plane), dtype=x.dtype)
+            cpu_networks.unpool_forward(x.reshape(n * c, -1), flat_idx, y)
+        else:
+            rows = xp.arange(n * c)[:, None]                             # (plane, position) pairs:
+            y = xp.zeros((n * c, plane), dtype=x.dtype)                   # plain fancy indexing, the
+            y[rows, flat_idx] = x.reshape(n * c, -1)                     # same on NumPy and CuPy
         if self._keeps_for_backward():                                   # inside no_grad(): keep nothing
             self._indices, self._x_shape, self._size, self._dtype = flat_idx, x.shape, out[2:], x.dtype
         return y.reshape(out)
@@ -99,5 +108,9 @@ class MaxUnpool2d(Layer):
         self._check_grad(dy, expected, self._dtype)
         xp = get_array_module(dy)
         n, c = dy.shape[:2]
+        if cpu_layers.serves(dy, self._indices):                         # Numba: the gather per plane
+            dx = np.empty(self._indices.shape, dtype=dy.dtype)
+            cpu_networks.unpool_backward(dy.reshape(n * c, -1), self._indices, dx)
+            return dx.reshape(self._x_shape)
         rows = xp.arange(n * c)[:, None]
         return dy.reshape(n * c, -1)[rows, self._indices].reshape(self._x_shape)
