@@ -119,7 +119,7 @@ def table(args) -> str:
         lines.append("| " + " | ".join([model, str(o["classes"]), f"{final['parameters']:,}", str(final["step"]),
                                          f"{final['train_seconds']:.0f}"] + row_of(class_scores, names)) + " |")
     for method, scores in (baselines or {}).items():
-        lines.append("| " + " | ".join([method, "", "0", "", ""] + row_of(scores, names)) + " |")
+        lines.append("| " + " | ".join([method, "", "", "", ""] + row_of(scores, names)) + " |")
     return "\n".join(lines)
 
 
