@@ -47,19 +47,25 @@ def save_curves(history: list[dict], path) -> None:
     save_figure_atomic(figure, path)
 
 
-def save_montage(images, targets, probabilities, names, path, threshold: float = 0.5) -> None:
-    """One row per image: image, truth, probability, thresholded overlay."""
-    rows = len(images)
-    figure, axes = plt.subplots(rows, 4, figsize=(12, 3 * rows), squeeze=False)
-    titles = ("image", "truth (membrane white)", "membrane probability", f"prediction > {threshold}")
-    for row, (image, target, probability, name) in enumerate(zip(images, targets, probabilities, names)):
-        panels = (image, target, probability, overlay(image, probability >= threshold))
+def _save_rows(rows, titles, names, path) -> None:
+    """One row of pictures per image (grey (H, W) in [0, 1] or RGB), titled by ``titles``, the
+    first panel also by the image's name."""
+    figure, axes = plt.subplots(len(rows), len(titles), figsize=(3 * len(titles), 3 * len(rows)), squeeze=False)
+    for row, (panels, name) in enumerate(zip(rows, names)):
         for col, panel in enumerate(panels):
             ax = axes[row, col]
             ax.imshow(panel, cmap=None if panel.ndim == 3 else "gray", vmin=0, vmax=1)
             ax.set_axis_off()
             ax.set_title(f"{titles[col]}" + (f"  [{name}]" if col == 0 else ""), fontsize=9)
     save_figure_atomic(figure, path)
+
+
+def save_montage(images, targets, probabilities, names, path, threshold: float = 0.5) -> None:
+    """One row per image: image, truth, probability, thresholded overlay."""
+    titles = ("image", "truth (membrane white)", "membrane probability", f"prediction > {threshold}")
+    rows = [(image, target, probability, overlay(image, probability >= threshold))
+            for image, target, probability in zip(images, targets, probabilities)]
+    _save_rows(rows, titles, names, path)
 
 
 def save_class_montage(images, truths, predictions, names, palette, path) -> None:
@@ -67,15 +73,7 @@ def save_class_montage(images, truths, predictions, names, palette, path) -> Non
     prediction over the image. truths/predictions: (N, H, W) class indices (ignored pixels of the
     truth: black)."""
     from tinyunet.classes import colorize, overlay_classes
-    rows = len(images)
-    figure, axes = plt.subplots(rows, 4, figsize=(12, 3 * rows), squeeze=False)
     titles = ("image", "truth", "prediction", "prediction over the image")
-    for row, (image, truth, prediction, name) in enumerate(zip(images, truths, predictions, names)):
-        panels = (image, colorize(truth, palette), colorize(prediction, palette),
-                  overlay_classes(image, prediction, palette))
-        for col, panel in enumerate(panels):
-            ax = axes[row, col]
-            ax.imshow(panel, cmap=None if panel.ndim == 3 else "gray", vmin=0, vmax=1)
-            ax.set_axis_off()
-            ax.set_title(f"{titles[col]}" + (f"  [{name}]" if col == 0 else ""), fontsize=9)
-    save_figure_atomic(figure, path)
+    rows = [(image, colorize(truth, palette), colorize(prediction, palette),
+             overlay_classes(image, prediction, palette)) for image, truth, prediction in zip(images, truths, predictions)]
+    _save_rows(rows, titles, names, path)
