@@ -175,7 +175,7 @@ def test_label_errors_are_named(tmp_path, cells):
     bad = cells.targets[1].copy()
     bad[:2, :4] = 9
     save_png(bad, root / "label" / f"{cells.names[1]}.png")
-    with pytest.raises(DataError, match=rf"{cells.names[1]}.png: 8 pixels hold the values \[9\], outside the 3 classes "
+    with pytest.raises(DataError, match=rf"{cells.names[1]}.png: 8 pixels hold values \[9\] outside the 3 classes "
                                         r"0..2 and the ignore value 255; pass --classes 10"):
         load_folder(root, classes=3)
     # An RGB map without a class table, then with a table that lacks a colour.

@@ -165,6 +165,20 @@ def binary_as_classes(dataset: Dataset) -> Dataset:
                    classes=2, class_names=("cell", "membrane"), ignore_index=dataset.ignore_index)
 
 
+def refuse_values_outside_classes(labels, classes: int, ignore_index: int, source: str) -> None:
+    """DataError naming ``source``, the pixels and values of an integer class map that are
+    neither a class 0..K-1 nor ``ignore_index``, and the fix. Proof: test_multiclass_data.py
+    (test_class_targets_out_of_range_are_named, test_label_errors_are_named)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= classes))
+    if bad.any():
+        values = np.unique(labels[bad])
+        shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
+        raise DataError(f"{source}: {int(bad.sum())} pixels hold values [{shown}] outside the {classes} classes "
+                        f"0..{classes - 1} and the ignore value {ignore_index}; pass --classes "
+                        f"{int(values.max()) + 1} (classes={int(values.max()) + 1}) if those are classes, or "
+                        f"set them to the ignore value {ignore_index} if they are unlabelled")
+
+
 def check_image(image, source: str = "image") -> None:
     """Refuse, naming ``source``, anything but an (H, W) float array, finite, in [0, 1]:
     the convention every function here returns. Proof: test_bad_images_and_targets_are_named."""
@@ -196,14 +210,7 @@ def check_target(target, source: str = "target", classes: int = 1, ignore_index:
         if target.dtype.kind not in "ui":
             raise DataError(f"{source}: with classes={classes} a target is an integer class map (uint8), got dtype "
                             f"{target.dtype}; for a binary 0/1 membrane target use classes=1 or binary_as_classes")
-        bad = (target != ignore_index) & ((target < 0) | (target >= classes))
-        if bad.any():
-            values = np.unique(target[bad])
-            shown = ", ".join(str(v) for v in values[:8]) + (", ..." if values.size > 8 else "")
-            raise DataError(f"{source}: {int(bad.sum())} pixels hold values [{shown}] outside the {classes} classes "
-                            f"0..{classes - 1} and the ignore value {ignore_index}; pass --classes "
-                            f"{int(values.max()) + 1} (classes={int(values.max()) + 1}) if those are classes, or "
-                            f"set them to the ignore value {ignore_index} if they are unlabelled")
+        refuse_values_outside_classes(target, classes, ignore_index, source)
         return
     if target.dtype.kind not in "fuib":
         raise DataError(f"{source}: a target must be numeric, got dtype {target.dtype}")
@@ -601,14 +608,7 @@ class ClassLabels:
                     raise DataError(f"label {source} holds fractional or NaN values; a class map holds the integers "
                                     f"0..{self.classes - 1} (and {self.ignore_index} for unlabelled pixels)")
                 values = values.astype(np.int64)
-        bad = (values != self.ignore_index) & ((values < 0) | (values >= self.classes))
-        if bad.any():
-            found = np.unique(values[bad])
-            shown = ", ".join(str(v) for v in found[:8]) + (", ..." if found.size > 8 else "")
-            raise DataError(f"label {source}: {int(bad.sum())} pixels hold the values [{shown}], outside the "
-                            f"{self.classes} classes 0..{self.classes - 1} and the ignore value {self.ignore_index}; "
-                            f"pass --classes {int(found.max()) + 1} if they are classes, or set them to "
-                            f"{self.ignore_index} (the ignore value) if they are unlabelled")
+        refuse_values_outside_classes(values, self.classes, self.ignore_index, f"label {source}")
         return values.astype(np.uint8)
 
     def membrane_maps(self, images, targets: list[np.ndarray], names, where) -> Dataset | None:
