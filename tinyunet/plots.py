@@ -75,5 +75,6 @@ def save_class_montage(images, truths, predictions, names, palette, path) -> Non
     from tinyunet.classes import colorize, overlay_classes
     titles = ("image", "truth", "prediction", "prediction over the image")
     rows = [(image, colorize(truth, palette), colorize(prediction, palette),
-             overlay_classes(image, prediction, palette)) for image, truth, prediction in zip(images, truths, predictions)]
+             overlay_classes(image, prediction, palette))
+            for image, truth, prediction in zip(images, truths, predictions)]
     _save_rows(rows, titles, names, path)
