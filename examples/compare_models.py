@@ -51,6 +51,8 @@ def parse_args(argv=None):
     add("--batch", type=int, default=4)
     add("--lr", type=float, default=1e-3)
     add("--eval-every", type=int, default=200)
+    add("--learn-upsampling", action="store_true", help="FCN runs let their upsamplers learn (the reference "
+        "freezes them)")
     add("--jobs", type=int, default=2, help="runs at the same time (each on one thread)")
     add("--out", default="runs/compare")
     add("--overwrite", action="store_true", help="replace earlier runs in --out")
@@ -69,6 +71,8 @@ def command(args, model: str) -> list[str]:
             "--out", str(Path(args.out) / model), "--no-progress"]
     if args.val:
         line += ["--val", args.val]
+    if args.learn_upsampling and model.startswith("fcn"):
+        line.append("--learn-upsampling")
     if args.overwrite:
         line.append("--overwrite")
     return line
@@ -116,7 +120,8 @@ def table(args) -> str:
             continue
         final, class_scores = found
         o = final["options"]
-        lines.append("| " + " | ".join([model, str(o["classes"]), f"{final['parameters']:,}", str(final["step"]),
+        label = model + (" (learned upsampling)" if o.get("learn_upsampling") else "")
+        lines.append("| " + " | ".join([label, str(o["classes"]), f"{final['parameters']:,}", str(final["step"]),
                                          f"{final['train_seconds']:.0f}"] + row_of(class_scores, names)) + " |")
     for method, scores in (baselines or {}).items():
         lines.append("| " + " | ".join([method, "", "", "", ""] + row_of(scores, names)) + " |")

@@ -73,6 +73,8 @@ def build_parser(d):
         "(softmax); the synthetic data has 3 (cytoplasm, membrane, mitochondrion), membrane maps give 2")
     add("--class-weights", default=d.class_weights, choices=["none", "median-frequency"],
         help="weight the softmax loss per class: median-frequency balancing as SegNet does")
+    add("--learn-upsampling", action="store_true", help="FCN: let the upsamplers learn from their bilinear "
+        "start (the reference keeps them frozen; examples/fcn_ceiling.py shows what each can express)")
     add("--clock", default=d.clock, choices=["wall", "cpu"],
         help="what --minutes counts: wall time, or this process's CPU time (fair on a shared machine)")
     add("--synthetic-count", type=int, default=d.synthetic_count, help="synthetic slices to generate")
@@ -122,7 +124,8 @@ def main(argv=None) -> int:
                 eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, threshold=args.threshold,
                 tta=args.tta, seed=args.seed, device=args.device, base_width=args.base_width, depth=args.depth,
                 head_relu=not args.no_head_relu, model=args.model, classes=args.classes,
-                class_weights=args.class_weights, clock=args.clock, synthetic_count=args.synthetic_count, resume=False,
+                class_weights=args.class_weights, learn_upsampling=args.learn_upsampling, clock=args.clock,
+                synthetic_count=args.synthetic_count, resume=False,
                 overwrite=args.overwrite, progress=not args.no_progress)
         train(options, comm=comm)
     except distributed.DistributedError as error:         # MPI: raised on every rank together (bad input too)

@@ -40,6 +40,8 @@ def quick_figures(monkeypatch):
     (dict(class_weights="inverse"), "--class-weights 'inverse': choose one of none, median-frequency"),
     (dict(clock="gpu"), "--clock 'gpu': choose one of wall, cpu"),
     (dict(model="fcn8s", crop=48), "--crop 48 must be divisible by fcn8s's 5 poolings: 2**5 = 32 (e.g. 32)"),
+    (dict(model="segnet", learn_upsampling=True), "--learn-upsampling True: only FCN has bilinear upsamplers"),
+    (dict(learn_upsampling=True), "unet has none: drop --learn-upsampling or use --model fcn32s"),
 ])
 def test_bad_model_and_class_options_are_refused_before_any_work(tmp_path, changes, message):
     options = tiny_options(tmp_path / "run", **changes)
@@ -102,6 +104,29 @@ def test_membrane_maps_train_two_class_networks(tmp_path, quick_figures):
     assert final["class_names"][1] == "membrane" and final["model"] == "fcn32s"
 
 
+def test_learned_upsamplers_leave_bilinear_and_a_resumed_run_keeps_learning_them(tmp_path, quick_figures):
+    """--learn-upsampling: the FCN's upsamplers get Adam steps (frozen, they stay bilinear), the
+    checkpoint records the choice, and a resumed run restores it with the moved weights."""
+    from tinyunet.checkpoint import read_checkpoint_meta
+    from tinyunet.layers.convtranspose import bilinear_weight
+    options = dict(model="fcn16s", crop=64, steps=2, checkpoint_every=100, eval_every=100)
+    frozen = Trainer(tiny_options(tmp_path / "frozen", **options), log=lambda m: None)
+    learned = Trainer(tiny_options(tmp_path / "learned", learn_upsampling=True, **options), log=lambda m: None)
+    for trainer in (frozen, learned):
+        trainer.fit()
+    start = bilinear_weight(3, 3, (4, 4))
+    np.testing.assert_array_equal(frozen.model.parameters()["upscore2.weight"], start)
+    moved = learned.model.parameters()["upscore2.weight"]
+    assert np.abs(moved - start).max() > 1e-4
+    assert read_checkpoint_meta(tmp_path / "learned" / "checkpoint.npz")["config"]["learn_upsampling"] is True
+    from tinyunet.train import resume_options
+    resumed = Trainer(resume_options(str(tmp_path / "learned"), {"steps": 3}), log=lambda m: None)   # as --resume
+    assert resumed.options.learn_upsampling and resumed.model.config.learn_upsampling
+    np.testing.assert_array_equal(resumed.model.parameters()["upscore2.weight"], moved)
+    resumed.train_step()
+    assert not np.array_equal(resumed.model.parameters()["upscore2.weight"], moved)
+
+
 def test_a_segnet_run_resumes_bit_identically(tmp_path):
     """Four steps straight equal two, a checkpoint, a new Trainer, two more: the weights, Adam and
     batch norm's running statistics (they are not gradients: only the checkpoint carries them)."""
@@ -154,8 +179,10 @@ def test_collapse_to_one_of_k_classes_is_named():
 def test_the_comparison_table_is_built_from_the_runs(tmp_path, quick_figures):
     for model in ("unet", "segnet"):
         Trainer(tiny_options(tmp_path / model, model=model, crop=32, steps=2), log=lambda m: None).fit()
+    Trainer(tiny_options(tmp_path / "fcn32s", model="fcn32s", crop=64, steps=2, learn_upsampling=True),
+            log=lambda m: None).fit()
     done = subprocess.run([sys.executable, str(EXAMPLES / "compare_models.py"), "--report-only", "--out",
-                           str(tmp_path), "--models", "unet", "segnet", "fcn8s"],
+                           str(tmp_path), "--models", "unet", "segnet", "fcn8s", "fcn32s"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     table = (tmp_path / "comparison.md").read_text()
@@ -163,10 +190,22 @@ def test_the_comparison_table_is_built_from_the_runs(tmp_path, quick_figures):
     assert rows[0].startswith("| model | classes | parameters | steps")
     assert "IoU mitochondrion" in rows[0]
     by_model = {row.split(" | ")[0][2:]: row for row in rows[1:]}
-    assert set(by_model) == {"unet", "segnet", "fcn8s", "k-means on intensity", "majority class"}
+    assert set(by_model) == {"unet", "segnet", "fcn8s", "fcn32s (learned upsampling)", "k-means on intensity",
+                             "majority class"}
     assert "no final.json" in by_model["fcn8s"]
     segnet = json.loads((tmp_path / "segnet" / "final.json").read_text())
     assert f"{segnet['scores']['mean_iou']:.3f}" in by_model["segnet"]
+
+
+def test_the_comparison_passes_learn_upsampling_to_fcn_runs_only():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("compare_models", EXAMPLES / "compare_models.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    args = compare.parse_args(["--learn-upsampling"])
+    assert "--learn-upsampling" in compare.command(args, "fcn16s")
+    assert "--learn-upsampling" not in compare.command(args, "segnet")
+    assert "--learn-upsampling" not in compare.command(compare.parse_args([]), "fcn16s")
 
 
 def test_a_k_class_checkpoint_predicts_labels_in_its_own_colours(tmp_path, quick_figures):

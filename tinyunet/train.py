@@ -101,6 +101,7 @@ class TrainOptions:
     model: str = "unet"              # unet | fcn32s | fcn16s | fcn8s | segnet (tinyunet.models)
     classes: int = 1                 # 1: membrane or not (sigmoid); K >= 2: K classes (softmax)
     class_weights: str = "none"      # none | median-frequency (SegNet's balancing; K >= 2)
+    learn_upsampling: bool = False   # FCN: the bilinear upsamplers learn too (the reference freezes them)
     clock: str = "wall"              # what --minutes counts: wall time, or this process's CPU time
     synthetic_count: int = 24        # synthetic slices (the last 4 validate)
     synthetic_size: int = 256
@@ -202,6 +203,11 @@ def check_options(o: TrainOptions) -> None:
                                 "sigmoid class, --border-weights weights the membranes up)")
     if o.clock not in CLOCKS:
         refuse("clock", f"choose one of {', '.join(CLOCKS)}")
+    if not isinstance(o.learn_upsampling, (bool, np.bool_)):
+        refuse("learn_upsampling", "must be True or False")
+    if o.learn_upsampling and not o.model.startswith("fcn"):
+        refuse("learn_upsampling", f"only FCN has bilinear upsamplers to learn; {o.model} has none: drop "
+                                   f"--learn-upsampling or use --model fcn32s, fcn16s or fcn8s")
     integer("depth", 1, checkpoints.MAX_DEPTH)
     integer("base_width", 1)
     multiple = crop_multiple(o)
@@ -243,11 +249,13 @@ def check_options(o: TrainOptions) -> None:
 def model_options(o: TrainOptions) -> dict:
     """The options of o.model beyond its width: the U-Net's depth and head; FCN's fc6/fc7 as
     wide as the reference's relative to its blocks (4096 = 64 x 64), so --base-width scales all,
-    and conv1_1 padded by the least that keeps every crop offset >= 0 (tinyunet/models.py)."""
+    and conv1_1 padded by the least that keeps every crop offset >= 0 (tinyunet/models.py);
+    --learn-upsampling lets its upsamplers learn from their bilinear start."""
     if o.model == "unet":
         return {"depth": o.depth, "head_relu": o.head_relu}
     if o.model.startswith("fcn"):         # conv1_1's padding: the least that fits, not the reference's 100
-        return {"fc_width": 64 * o.base_width, "input_pad": FCN_CPU_INPUT_PAD[o.model[3:]]}
+        return {"fc_width": 64 * o.base_width, "input_pad": FCN_CPU_INPUT_PAD[o.model[3:]],
+                "learn_upsampling": bool(o.learn_upsampling)}
     return {}
 
 
@@ -359,7 +367,7 @@ CHECKPOINT_NAME = "checkpoint.npz"
 # checkpoint). Under the cosine schedule steps and minutes join them: they set its length.
 RUN_DEFINING = ("data", "val", "crop", "batch", "lr", "lr_schedule", "augment", "border_weights", "seed",
                 "base_width", "depth", "head_relu", "synthetic_count", "synthetic_size", "model", "classes",
-                "class_weights", "clock")
+                "class_weights", "clock", "learn_upsampling")
 NOT_COMPARED = ("out", "resume", "overwrite", "progress")
 
 
