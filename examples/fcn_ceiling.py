@@ -13,8 +13,8 @@ bilinear x32/x16/x8 of some score map: a field with no detail finer than the gri
 a few pixels wide, between grid points 32 pixels apart, is not in that set at all.
 
 This script measures how close such fields come to the labels: for each held-out label map it
-fits free scores z (1, K, ceil(H/s) + 3, ...) through tinyunet's own frozen upsampler (the
-FCN's ConvTranspose2d, bilinear, kernel 2s, stride s), centre-cropped to the image, by softmax
+fits free scores z (K, ceil(H/s) + 3, ceil(W/s) + 3) through tinyunet's own frozen upsampler
+(the FCN's ConvTranspose2d, bilinear, kernel 2s, stride s), centre-cropped to the image, by softmax
 cross-entropy and Adam (tinyunet.losses, tinyunet.optim), then scores argmax(logits) with the
 FCN paper's metrics (tinyunet.metrics.class_scores), pooled over the images as the training
 runs score them. ``--learn-upsampling`` fits the (K, K, 2s, 2s) kernel too, one for all
