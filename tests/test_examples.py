@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,15 +12,7 @@ from PIL import Image
 from tinyunet.checkpoint import save_checkpoint
 from tinyunet.unet import UNet
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from scripts import EXAMPLES, load_example
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):

@@ -1,24 +1,13 @@
 """examples/fcn_ceiling.py: the best a bilinear upsampling of a stride-s score map can do."""
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from tinyunet.data import synthetic_cells
 from tinyunet.metrics import class_scores
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from scripts import load_example
 
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ceiling = load("fcn_ceiling")
+ceiling = load_example("fcn_ceiling")
 
 
 def test_a_straight_boundary_between_grid_points_is_fitted_exactly():

@@ -3,9 +3,7 @@ round trips, load_model's dispatch, bad files refused before anything changes, t
 extras named, and the command lines. (Keras itself is the oracle in test_keras_oracle.py.)"""
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +14,8 @@ from tinyunet.formats import FormatError, MissingExtraError, detect_format, load
 from tinyunet.gradcheck import relative_error
 from tinyunet.unet import UNet
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from scripts import load_example
+
 TOLERANCE = 1e-5
 
 
@@ -349,13 +348,6 @@ def test_a_missing_extra_is_named(tmp_path, monkeypatch, module, extra, call):
 # ---------------------------------------------------------------------------------------------
 # The command lines
 # ---------------------------------------------------------------------------------------------
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_export_model_and_predict_from_a_keras_file(tmp_path, capsys):
     """checkpoint.npz -> .onnx, .h5, .safetensors with export_model.py; then predict_membranes.py
     straight from the Keras file gives the checkpoint's own prediction."""

@@ -172,11 +172,8 @@ def test_inference_bytes_bound_what_numpy_allocates():
 def test_bench_infer_runs_at_a_tiny_size(tmp_path, capsys):
     """examples/bench_infer.py end to end at 16x16 and on two tiny slices with a tiny model."""
     import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location(
-        "bench_infer", Path(__file__).resolve().parent.parent / "examples" / "bench_infer.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from scripts import load_example
+    bench = load_example("bench_infer")
     for index in range(2):
         Image.fromarray((np.random.default_rng(index).random((40, 36)) * 255).astype(np.uint8)).save(
             tmp_path / f"{index}.png")

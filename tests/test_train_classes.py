@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,8 @@ import pytest
 from tinyunet.data import DataError, synthetic_cells, synthetic_membranes
 from tinyunet.train import CollapseWatch, OptionError, Trainer, TrainOptions, check_options
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from scripts import EXAMPLES, load_example
+
 
 
 def tiny_options(out, **changes):
@@ -198,10 +198,7 @@ def test_the_comparison_table_is_built_from_the_runs(tmp_path, quick_figures):
 
 
 def test_the_comparison_passes_learn_upsampling_to_fcn_runs_only():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("compare_models", EXAMPLES / "compare_models.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    compare = load_example("compare_models")
     args = compare.parse_args(["--learn-upsampling"])
     assert "--learn-upsampling" in compare.command(args, "fcn16s")
     assert "--learn-upsampling" not in compare.command(args, "segnet")
@@ -209,8 +206,6 @@ def test_the_comparison_passes_learn_upsampling_to_fcn_runs_only():
 
 
 def test_a_k_class_checkpoint_predicts_labels_in_its_own_colours(tmp_path, quick_figures):
-    import importlib.util
-
     from PIL import Image
 
     run = tmp_path / "run"
@@ -218,9 +213,7 @@ def test_a_k_class_checkpoint_predicts_labels_in_its_own_colours(tmp_path, quick
     palette = synthetic_cells(2, size=32).palette
     image = synthetic_cells(1, size=64, seed=5).images[0]
     Image.fromarray((image * 255).round().astype(np.uint8)).save(tmp_path / "slice.png")
-    spec = importlib.util.spec_from_file_location("predict_membranes", EXAMPLES / "predict_membranes.py")
-    predict = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(predict)
+    predict = load_example("predict_membranes")
     assert predict.main([str(run / "checkpoint.npz"), str(tmp_path / "slice.png"), "--out", str(tmp_path / "out")]) == 0
     with Image.open(tmp_path / "out" / "slice_labels.png") as picture:
         assert picture.mode == "P"

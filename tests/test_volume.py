@@ -144,12 +144,8 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path, tiny, stac
 
 
 def test_the_command_line_writes_then_completes_a_zarr_volume(tmp_path, tiny, stack, capsys):
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location(
-        "predict_volume", Path(__file__).resolve().parent.parent / "examples" / "predict_volume.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    from scripts import load_example
+    example = load_example("predict_volume")
     save_checkpoint(tmp_path / "tiny.npz", tiny)
     zarr.create_array(store=str(tmp_path / "in.zarr"), shape=stack.shape, chunks=(1, 64, 64), dtype=np.uint8)[:] = stack
     arguments = [str(tmp_path / "tiny.npz"), str(tmp_path / "in.zarr"), str(tmp_path / "out.zarr"), "--chunk", "32",
