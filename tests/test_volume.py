@@ -143,6 +143,26 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path, tiny, stac
         volumes.predict_volume(tiny, stack, str(out), chunk=CHUNK, progress=False)
 
 
+@pytest.mark.parametrize("kind, classes", [("segnet", 3), ("fcn8s", 2), ("unet", 3)])
+def test_other_models_and_class_counts_are_refused_in_one_line(tmp_path, stack, kind, classes, capsys):
+    """The halo is the U-Net's receptive field and the output one probability per pixel: any
+    other model, or a K-class U-Net, is sent to predict_membranes.py before anything is written
+    (a SegNet checkpoint used to end in an AttributeError on its config)."""
+    from tinyunet.models import build_model
+    from scripts import load_example
+    model = build_model(kind, classes=classes, base_width=4)
+    checkpoint = save_checkpoint(tmp_path / "model.npz", model)
+    out = tmp_path / "p.zarr"
+    for given in (model, str(checkpoint)):
+        with pytest.raises(volumes.VolumeError, match=f"this is a {kind} with {classes} classes: predict its "
+                                                      "slices with examples/predict_membranes.py"):
+            volumes.predict_volume(given, stack, str(out), chunk=CHUNK, progress=False)
+    assert load_example("predict_volume").main([str(checkpoint), str(tmp_path / "in.tif"), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "one-class U-Net" in err
+    assert not out.exists()
+
+
 def test_the_command_line_writes_then_completes_a_zarr_volume(tmp_path, tiny, stack, capsys):
     from scripts import load_example
     example = load_example("predict_volume")

@@ -290,23 +290,31 @@ def predict_volume(model, source, output: str, *, chunk: int = 512, halo: int | 
                    progress: bool = True) -> dict:
     """Predict every block of ``source`` that ``output`` does not hold yet; returns counts.
 
-    model     a UNet, or the path of a checkpoint (needed with ``address``)
+    model     a one-class UNet, or the path of its checkpoint (needed with ``address``); other
+              models and K-class U-Nets are refused in one line (examples/predict_membranes.py)
     source    (Z, Y, X) array, Zarr array path, TIFF stack or image folder (see open_volume)
     chunk     block side in y and x, a multiple of 2**depth, at least the halo
     halo      context each block gets on each side; None: halo_for(config), exact
     address   a dask.distributed scheduler ('tcp://host:8786'); None: local threads (``workers``)
     """
     dask, da, _ = _require()
+    from tinyunet.models import model_kind
     if isinstance(model, (str, Path)):
         from tinyunet.checkpoint import load_checkpoint
         checkpoint = str(model)
-        config = load_checkpoint(checkpoint).config
+        loaded = load_checkpoint(checkpoint)
+        kind, config = loaded.kind, loaded.config
         holder = ModelSource(None, checkpoint, device)
     else:
-        config, holder = model.config, ModelSource(model.eval(), None, device)
+        kind, config, holder = model_kind(model), model.config, ModelSource(model.eval(), None, device)
         if address is not None:
             raise VolumeError("with a dask.distributed address give the checkpoint path, not a model object: "
                               "every worker loads it once")
+    if kind != "unet" or config.classes != 1:
+        # the halo below is derived from the U-Net's layer table, and the output holds one probability
+        raise VolumeError(f"block-wise prediction supports the one-class U-Net (membrane probabilities); this is "
+                          f"a {kind} with {config.classes} classes: predict its slices with "
+                          f"examples/predict_membranes.py (overlap-tile, every model and class count)")
     if config.padding != "same":
         raise VolumeError("block-wise prediction supports the 'same' U-Net (the Keras model): the unpadded "
                           "network's output grid depends on the tile, so blocks would not line up")
