@@ -42,13 +42,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tinyunet.data import DataError, resolve_data  # noqa: E402
-from tinyunet.layers import ConvTranspose2d  # noqa: E402
+from tinyunet.fcn import UPSAMPLERS, VARIANTS  # noqa: E402
+from tinyunet.layers import CenterCrop2d, ConvTranspose2d  # noqa: E402
 from tinyunet.losses import softmax_cross_entropy  # noqa: E402
 from tinyunet.metrics import class_scores  # noqa: E402
 from tinyunet.optim import Adam  # noqa: E402
 from tinyunet.train import OptionError, split_data  # noqa: E402
 
-STRIDES = {"fcn32s": 32, "fcn16s": 16, "fcn8s": 8}
+# each variant's last upsampler sets its grid: upscore (x32), upscore16 (x16), upscore8 (x8)
+STRIDES = {f"fcn{variant}": UPSAMPLERS[variant][-1][2] for variant in VARIANTS}
 
 
 def best_scores(labels: np.ndarray, classes: int, stride: int, *, steps: int = 400, lr: float = 0.3,
@@ -69,22 +71,17 @@ def best_scores(labels: np.ndarray, classes: int, stride: int, *, steps: int = 4
     if learn_upsampling:
         params["kernel"] = upsample.params["weight"]          # the layer's own array: Adam moves it in place
     optimizer = Adam(params, lr=lr)
-    full = upsample.output_shape(grid.shape)
-    top, left = (full[2] - h) // 2, (full[3] - w) // 2
+    crop = CenterCrop2d()
     for step in range(steps):
-        wide = upsample.forward(grid)
-        logits = wide[:, :, top:top + h, left:left + w]
+        logits = crop.forward(upsample.forward(grid), (h, w))
         loss, dlogits = softmax_cross_entropy(logits, labels, ignore_index=ignore_index)
-        dwide = np.zeros_like(wide)
-        dwide[:, :, top:top + h, left:left + w] = dlogits      # the crop's backward
-        grads = {"scores": upsample.backward(dwide)}
+        grads = {"scores": upsample.backward(crop.backward(dlogits))}
         if learn_upsampling:
             grads["kernel"] = upsample.grads["weight"]
         optimizer.step(grads)
         if record is not None:
             record(step, loss)
-    logits = upsample.forward(grid)[:, :, top:top + h, left:left + w]
-    return logits.argmax(axis=1).astype(np.uint8)
+    return crop.forward(upsample.forward(grid), (h, w)).argmax(axis=1).astype(np.uint8)
 
 
 def parse_args(argv=None):

@@ -14,6 +14,7 @@ from tinyunet.unet import UNet
 
 from scripts import EXAMPLES, load_example
 
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint.npz"

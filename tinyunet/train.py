@@ -203,11 +203,6 @@ def check_options(o: TrainOptions) -> None:
                                 "sigmoid class, --border-weights weights the membranes up)")
     if o.clock not in CLOCKS:
         refuse("clock", f"choose one of {', '.join(CLOCKS)}")
-    if not isinstance(o.learn_upsampling, (bool, np.bool_)):
-        refuse("learn_upsampling", "must be True or False")
-    if o.learn_upsampling and not o.model.startswith("fcn"):
-        refuse("learn_upsampling", f"only FCN has bilinear upsamplers to learn; {o.model} has none: drop "
-                                   f"--learn-upsampling or use --model fcn32s, fcn16s or fcn8s")
     integer("depth", 1, checkpoints.MAX_DEPTH)
     integer("base_width", 1)
     multiple = crop_multiple(o)
@@ -233,9 +228,12 @@ def check_options(o: TrainOptions) -> None:
     check_device_name(o.device)
     integer("synthetic_count", 2)
     integer("synthetic_size", 32)
-    for name in ("border_weights", "tta", "head_relu", "resume", "overwrite", "progress"):
+    for name in ("border_weights", "tta", "head_relu", "learn_upsampling", "resume", "overwrite", "progress"):
         if not isinstance(getattr(o, name), (bool, np.bool_)):
             refuse(name, "must be True or False")
+    if o.learn_upsampling and not o.model.startswith("fcn"):
+        refuse("learn_upsampling", f"only FCN has bilinear upsamplers to learn; {o.model} has none: drop "
+                                   f"--learn-upsampling or use --model fcn32s, fcn16s or fcn8s")
     if o.resume and o.overwrite:
         raise OptionError("--resume and --overwrite contradict each other: --resume continues the run in "
                           f"{o.out}, --overwrite replaces it; give one")
