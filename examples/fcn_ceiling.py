@@ -62,7 +62,9 @@ def best_scores(labels: np.ndarray, classes: int, stride: int, *, steps: int = 4
     upsample(z), upsample = ConvTranspose2d(K, K, 2s, stride s), bilinear. Each Adam step moves
     z (and, with learn_upsampling, the kernel) down the mean cross-entropy's gradient, which
     flows back through the crop (zeros around it) and the transposed conv (a strided conv).
-    ``record(step, loss)`` is called every step, if given."""
+    ``record(step, loss)`` is called every step, if given.
+    Proof: tests/test_fcn_ceiling.py (a boundary between grid points fitted exactly, lines finer
+    than the grid out of reach, the ceiling falling with the stride)."""
     n, h, w = labels.shape
     upsample = ConvTranspose2d(classes, classes, 2 * stride, stride=stride, bias=False, weight_init="bilinear",
                                frozen=not learn_upsampling, dtype=np.float64)
