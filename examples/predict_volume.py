@@ -1,14 +1,15 @@
-"""Predict membranes in a volume larger than memory, block by block (Dask + Zarr).
+"""Predict membranes (or K classes) in a volume larger than memory, block by block (Dask + Zarr).
 
     python examples/predict_volume.py runs/membranes/checkpoint.npz stack.zarr membranes.zarr
     python examples/predict_volume.py CHECKPOINT stack.tif membranes.zarr --mask masks.zarr
     python examples/predict_volume.py CHECKPOINT slices/ membranes.zarr --address tcp://scheduler:8786
+    python examples/predict_volume.py runs/cells/checkpoint.npz stack.zarr labels.zarr   # a 3-class U-Net
 
 INPUT is a Zarr array (Z, Y, X), or a TIFF stack or a folder of images, converted page by page
 into a Zarr array first (--converted, default INPUT's name + .zarr beside OUTPUT). OUTPUT is a
-Zarr array of float32 membrane probabilities chunked (1, chunk, chunk); --mask adds a uint8
-mask (1 membrane, 0 cell). Run it again after an interruption: the blocks already written are
-skipped. Needs the extra: pip install -e ".[scale]". The library side is tinyunet/volume.py.
+Zarr array chunked (1, chunk, chunk): for a one-class U-Net float32 membrane probabilities
+(--mask adds a uint8 mask: 1 membrane, 0 cell); for a U-Net of K classes uint8 class labels.
+Run it again after an interruption: the blocks already written are skipped. Needs the extra: pip install -e ".[scale]". The library side is tinyunet/volume.py.
 """
 import argparse
 import sys
@@ -20,8 +21,9 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint.npz written by train_membranes.py")
     parser.add_argument("input", help="a Zarr array (Z, Y, X), a TIFF stack or a folder of images")
-    parser.add_argument("output", help="the Zarr array of probabilities to write (or to complete)")
-    parser.add_argument("--mask", default=None, help="also write a uint8 mask array here")
+    parser.add_argument("output", help="the Zarr array of probabilities (one class) or labels (K classes) "
+                        "to write or to complete")
+    parser.add_argument("--mask", default=None, help="one class: also write a uint8 mask array here")
     parser.add_argument("--threshold", type=float, default=0.5, help="membrane probability threshold for --mask")
     parser.add_argument("--chunk", type=int, default=512, help="block side in pixels (a multiple of 16, >= halo)")
     parser.add_argument("--halo", type=int, default=None, help="context per block side (default: the "
@@ -47,7 +49,8 @@ def main(argv=None) -> int:
     except (ValueError, OSError, DeviceError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{args.output}: {result['predicted']} blocks predicted, {result['skipped']} already there "
+    what = "probabilities" if result["classes"] == 1 else f"labels of {result['classes']} classes"
+    print(f"{args.output}: {what}: {result['predicted']} blocks predicted, {result['skipped']} already there "
           f"(halo {result['halo']} pixels)")
     return 0
 

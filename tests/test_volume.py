@@ -37,29 +37,33 @@ def whole_slices(model, stack, margin):
     return np.stack([predict_probability(model, s.astype(np.float32) / 255, margin=margin) for s in stack])
 
 
-def test_receptive_field_is_what_the_network_reads():
-    """A change at input pixel c moves exactly the outputs p with c in [p - left, p + right]."""
-    model = UNet(base_width=2, depth=2, dropout=0.0, head_relu=False, dtype="float64", seed=1).eval()
-    left, right = volumes.receptive_field(2)
-    assert (left, right) == (24, 27) and volumes.receptive_field(4) == (108, 123)
+@pytest.mark.parametrize("classes, field", [(1, (24, 27)), (3, (23, 26))])
+def test_receptive_field_is_what_the_network_reads(classes, field):
+    """A change at input pixel c moves exactly the outputs p with c in [p - left, p + right]
+    (one class: the Keras head's 3x3 conv widens it by one; K classes: a 1x1 head)."""
+    model = UNet(base_width=2, depth=2, dropout=0.0, head_relu=False, dtype="float64", classes=classes,
+                 seed=1).eval()
+    left, right = volumes.receptive_field(2, head_conv=classes == 1)
+    assert (left, right) == field
+    assert volumes.receptive_field(4) == (108, 123) and volumes.receptive_field(4, head_conv=False) == (107, 122)
     rng = np.random.default_rng(0)
     base = rng.random((1, 1, 8, 160)) + 0.5
     reached_left = reached_right = 0
     for c in range(76, 84):                                    # every phase of the pooling grid, twice
         changed = base.copy()
         changed[0, 0, :, c] += 1.0
-        moved = np.flatnonzero(np.abs(model.forward(changed) - model.forward(base))[0, 0].max(axis=0) > 0)
+        moved = np.flatnonzero(np.abs(model.forward(changed) - model.forward(base))[0].max(axis=(0, 1)) > 0)
         assert c - right <= moved.min() and moved.max() <= c + left, (c, moved.min(), moved.max())
         reached_left, reached_right = max(reached_left, moved.max() - c), max(reached_right, c - moved.min())
     assert (reached_left, reached_right) == (left, right)      # the bound is reached: no smaller halo is exact
-    assert volumes.halo_for(model.config) == 28 and volumes.halo_for(UNet(base_width=1).config) == 128
+    assert volumes.halo_for(model.config) == 28 and volumes.halo_for(UNet(base_width=1, classes=classes).config) == 128
 
 
 def test_blocks_equal_the_whole_slice_prediction(tmp_path, tiny, stack):
     halo = volumes.halo_for(tiny.config)
     result = volumes.predict_volume(tiny, stack, str(tmp_path / "p.zarr"), chunk=CHUNK, progress=False,
                                     mask_output=str(tmp_path / "m.zarr"), threshold=0.5)
-    assert result == {"blocks": 3 * 2 * 2, "predicted": 12, "skipped": 0, "halo": 28}
+    assert result == {"blocks": 3 * 2 * 2, "predicted": 12, "skipped": 0, "halo": 28, "classes": 1}
     blocks = zarr.open_array(str(tmp_path / "p.zarr"), mode="r")[:]
     expected = whole_slices(tiny, stack, margin=halo)
     assert blocks.dtype == np.float32 and blocks.shape == stack.shape
@@ -143,11 +147,11 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path, tiny, stac
         volumes.predict_volume(tiny, stack, str(out), chunk=CHUNK, progress=False)
 
 
-@pytest.mark.parametrize("kind, classes", [("segnet", 3), ("fcn8s", 2), ("unet", 3)])
-def test_other_models_and_class_counts_are_refused_in_one_line(tmp_path, stack, kind, classes, capsys):
-    """The halo is the U-Net's receptive field and the output one probability per pixel: any
-    other model, or a K-class U-Net, is sent to predict_membranes.py before anything is written
-    (a SegNet checkpoint used to end in an AttributeError on its config)."""
+@pytest.mark.parametrize("kind, classes", [("segnet", 3), ("fcn8s", 2)])
+def test_other_models_are_refused_in_one_line(tmp_path, stack, kind, classes, capsys):
+    """The halo is the U-Net's receptive field: any other model is sent to predict_membranes.py
+    before anything is written (a SegNet checkpoint used to end in an AttributeError on its
+    config)."""
     from tinyunet.models import build_model
     from scripts import load_example
     model = build_model(kind, classes=classes, base_width=4)
@@ -159,8 +163,51 @@ def test_other_models_and_class_counts_are_refused_in_one_line(tmp_path, stack, 
             volumes.predict_volume(given, stack, str(out), chunk=CHUNK, progress=False)
     assert load_example("predict_volume").main([str(checkpoint), str(tmp_path / "in.tif"), str(out)]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "one-class U-Net" in err
+    assert len(err.strip().splitlines()) == 1 and "supports the U-Net" in err
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def three_classes():
+    """A 3-class U-Net whose labels vary: biases drawn around +0.05 keep its ReLUs alive (with
+    zero biases most pixels' last features are 0 and every logit ties at the head's bias)."""
+    model = UNet(base_width=4, depth=2, dropout=0.0, classes=3, seed=3).eval()
+    rng = np.random.default_rng(3)
+    for layer in model.layers.values():
+        if "bias" in layer.params:
+            layer.params["bias"][:] = rng.normal(0.05, 0.05, layer.params["bias"].shape)
+    return model
+
+
+def test_a_k_class_unet_writes_the_labels_of_the_whole_slice_prediction(tmp_path, three_classes, stack):
+    """K classes: uint8 labels, the argmax at each pixel, equal to the whole slice's
+    predict_probability(margin=halo) argmax wherever its top two classes are not tied to
+    rounding; resumable like the probabilities (255 marks a block not yet written)."""
+    out = str(tmp_path / "labels.zarr")
+    result = volumes.predict_volume(three_classes, stack, out, chunk=CHUNK, progress=False)
+    assert result == {"blocks": 12, "predicted": 12, "skipped": 0, "halo": 28, "classes": 3}
+    labels = zarr.open_array(out, mode="r")[:]
+    probability = np.stack([predict_probability(three_classes, s.astype(np.float32) / 255, margin=28)
+                            for s in stack])                                    # (Z, K, Y, X)
+    top_two = np.sort(probability, axis=1)[:, -2:]
+    clear = top_two[:, 1] - top_two[:, 0] > 1e-5
+    assert labels.dtype == np.uint8 and labels.shape == stack.shape and clear.mean() > 0.98
+    np.testing.assert_array_equal(labels[clear], probability.argmax(axis=1)[clear])
+    assert np.bincount(labels.ravel()).min() > 1000     # labels that vary, not one constant class
+    writable = zarr.open_array(out, mode="r+")
+    writable[1, 32:64, 0:32] = 255                      # a block lost: predicted again, nothing else
+    assert volumes.predict_volume(three_classes, stack, out, chunk=CHUNK, progress=False)["predicted"] == 1
+    np.testing.assert_array_equal(zarr.open_array(out, mode="r")[:], labels)
+
+
+def test_a_k_class_unet_refuses_a_mask_and_a_probability_array(tmp_path, three_classes, stack):
+    with pytest.raises(volumes.VolumeError, match="a mask is for a one-class model.*drop the mask"):
+        volumes.predict_volume(three_classes, stack, str(tmp_path / "l.zarr"), chunk=CHUNK, progress=False,
+                               mask_output=str(tmp_path / "m.zarr"))
+    assert not (tmp_path / "l.zarr").exists() and not (tmp_path / "m.zarr").exists()
+    zarr.create_array(store=str(tmp_path / "p.zarr"), shape=stack.shape, chunks=(1, 32, 32), dtype=np.float32)
+    with pytest.raises(volumes.VolumeError, match="float32 .* not the uint8"):
+        volumes.predict_volume(three_classes, stack, str(tmp_path / "p.zarr"), chunk=CHUNK, progress=False)
 
 
 def test_the_command_line_writes_then_completes_a_zarr_volume(tmp_path, tiny, stack, capsys):
@@ -176,3 +223,21 @@ def test_the_command_line_writes_then_completes_a_zarr_volume(tmp_path, tiny, st
     assert "0 blocks predicted, 12 already there" in capsys.readouterr().out
     assert example.main(arguments[:3] + ["--chunk", "30"]) == 2
     assert "multiples of 2**depth" in capsys.readouterr().err
+
+
+def test_the_command_line_writes_labels_for_k_classes(tmp_path, three_classes, stack, capsys):
+    from scripts import load_example
+    example = load_example("predict_volume")
+    save_checkpoint(tmp_path / "three.npz", three_classes)
+    zarr.create_array(store=str(tmp_path / "in.zarr"), shape=stack.shape, chunks=(1, 64, 64), dtype=np.uint8)[:] = stack
+    arguments = [str(tmp_path / "three.npz"), str(tmp_path / "in.zarr"), str(tmp_path / "labels.zarr"),
+                 "--chunk", "32", "--no-progress"]
+    assert example.main(arguments) == 0
+    assert "labels of 3 classes: 12 blocks predicted, 0 already there" in capsys.readouterr().out
+    expected = volumes.predict_volume(three_classes, stack, str(tmp_path / "again.zarr"), chunk=CHUNK, progress=False)
+    assert expected["predicted"] == 12
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "labels.zarr"), mode="r")[:],
+                                  zarr.open_array(str(tmp_path / "again.zarr"), mode="r")[:])
+    assert example.main(arguments + ["--mask", str(tmp_path / "m.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "drop the mask" in err

@@ -5,8 +5,9 @@
 
 A volume is (Z, Y, X): Z slices of Y x X pixels, integers scaled by their dtype's maximum
 (uint8 / 255, uint16 / 65535) or floats in [0, 1]. The output is a Zarr array of the same
-shape, float32 membrane probabilities (and optionally a uint8 mask: 1 membrane, 0 cell),
-chunked (1, chunk, chunk). The only module of tinyunet that imports dask and zarr (the
+shape, chunked (1, chunk, chunk): for a one-class U-Net float32 membrane probabilities (and
+optionally a uint8 mask: 1 membrane, 0 cell); for a U-Net of K >= 2 classes uint8 class
+labels, the argmax over the K logits at each pixel (what predict_labels gives a slice). The only module of tinyunet that imports dask and zarr (the
 optional extra ``pip install -e ".[scale]"``).
 
 How a block is predicted. The volume is cut into blocks of one slice and chunk x chunk pixels
@@ -41,7 +42,7 @@ given margin=H.)
 Memory is bounded by the block, not the volume: one haloed block of (chunk + 2H)^2 pixels and
 its forward pass per worker, which keeps no layer's saved tensors (forward_keeping_nothing);
 nothing else of the volume is held. Resumable: an output chunk
-holding no NaN (the fill value) was written (Zarr writes a chunk to a temporary file and
+holding no fill value (NaN for probabilities, 255 for labels and masks) was written (Zarr writes a chunk to a temporary file and
 renames it), so a second run predicts only the blocks that are missing. Runs on Dask's local
 threaded scheduler by default, on a dask.distributed cluster when given its address (then
 the model travels as its checkpoint path, loaded once per worker process).
@@ -78,9 +79,11 @@ def _require():
 # ---------------------------------------------------------------------------------------------
 # The receptive field and the halo
 # ---------------------------------------------------------------------------------------------
-def receptive_field(depth: int) -> tuple[int, int]:
+def receptive_field(depth: int, head_conv: bool = True) -> tuple[int, int]:
     """(left, right): a 'same' U-Net's logit at p reads input pixels p - left .. p + right only
-    (the walk is in the module docstring; tests/test_volume.py checks it against the network)."""
+    (the walk is in the module docstring; tests/test_volume.py checks it against the network).
+    ``head_conv``: the one-class (Keras) head's 3x3 conv; a K-class U-Net's head is one 1x1
+    conv, which reads p alone."""
     def down(level, lo, hi):                 # input needed for down{level}'s output over [lo, hi]
         lo, hi = lo - 2, hi + 2              # two 3x3 convs
         return (lo, hi) if level == 1 else down(level - 1, 2 * lo, 2 * hi + 1)   # through the pool
@@ -97,16 +100,16 @@ def receptive_field(depth: int) -> tuple[int, int]:
 
     left = right = 0
     for p in range(2 ** depth):              # the pattern repeats with the pooling grid
-        lo, hi = up(1, p - 1, p + 1)         # the head's 3x3 conv
+        lo, hi = up(1, p - 1, p + 1) if head_conv else up(1, p, p)   # the head's 3x3 conv, or none
         left, right = max(left, p - lo), max(right, hi - p)
     return left, right
 
 
 def halo_for(config) -> int:
     """The smallest halo that makes block-wise prediction exact: max(left, right) rounded up to
-    a multiple of 2**depth. 128 for the exact U-Net."""
+    a multiple of 2**depth. 128 for the exact U-Net (with one class or K)."""
     grid = 2 ** config.depth
-    return -(-max(receptive_field(config.depth)) // grid) * grid
+    return -(-max(receptive_field(config.depth, head_conv=config.classes == 1)) // grid) * grid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +170,8 @@ def forward_keeping_nothing(model, x):
 
 
 def predict_block(block, source: ModelSource, grid: int) -> np.ndarray:
-    """Membrane probabilities (float32) of a haloed block (z, y, x), the block's shape."""
+    """Of a haloed block (z, y, x), an array of its shape: membrane probabilities (float32) for
+    a one-class model, class labels (uint8, the argmax of the logits) for K classes."""
     from tinyunet.backend import to_device, to_numpy
     from tinyunet.layers.activation import sigmoid
     model = source.get()
@@ -177,16 +181,21 @@ def predict_block(block, source: ModelSource, grid: int) -> np.ndarray:
         x /= np.float32(np.iinfo(block.dtype).max)
     pad_h, pad_w = -h % grid, -w % grid               # zeros past the halo: no kept pixel sees them
     x = np.pad(x, ((0, 0), (0, pad_h), (0, pad_w)))[:, None].astype(model.dtype)
-    out = np.empty((z, h, w), np.float32)
+    one_class = model.config.classes == 1
+    out = np.empty((z, h, w), np.float32 if one_class else np.uint8)
     with source.lock:
         for i in range(z):                            # one slice at a time: memory of one forward
             logits = forward_keeping_nothing(model, to_device(x[i:i + 1], model.device))
-            out[i] = to_numpy(sigmoid(logits))[0, 0, :h, :w]
+            if one_class:
+                out[i] = to_numpy(sigmoid(logits))[0, 0, :h, :w]
+            else:                                     # the softmax keeps the order: argmax of logits
+                out[i] = to_numpy(logits[0, :, :h, :w].argmax(axis=0))
     return out
 
 
 def write_block(probability, region, output: str, mask_output: str | None, threshold: float) -> int:
-    """Write one block's probabilities (and mask) into the output arrays; returns its pixels."""
+    """Write one block's probabilities (and mask), or its labels, into the output arrays;
+    returns its pixels."""
     import zarr
     zarr.open_array(output, mode="r+")[region] = probability
     if mask_output is not None:
@@ -288,11 +297,16 @@ def predict_volume(model, source, output: str, *, chunk: int = 512, halo: int | 
                    mask_output: str | None = None, threshold: float = 0.5, address: str | None = None,
                    workers: int = 1, device: str = "cpu", converted: str | None = None,
                    progress: bool = True) -> dict:
-    """Predict every block of ``source`` that ``output`` does not hold yet; returns counts.
+    """Predict every block of ``source`` that ``output`` does not hold yet; returns the counts
+    (blocks, predicted, skipped), the halo and the model's classes.
 
-    model     a one-class UNet, or the path of its checkpoint (needed with ``address``); other
-              models and K-class U-Nets are refused in one line (examples/predict_membranes.py)
+    model     a UNet (one class: probabilities; K classes: labels), or the path of its checkpoint
+              (needed with ``address``); FCN and SegNet are refused in one line
+              (examples/predict_membranes.py predicts them slice by slice)
     source    (Z, Y, X) array, Zarr array path, TIFF stack or image folder (see open_volume)
+    output    the Zarr array to write or complete: float32 probabilities (one class) or uint8
+              labels (K classes)
+    mask_output, threshold   one class only: a uint8 mask, probability >= threshold
     chunk     block side in y and x, a multiple of 2**depth, at least the halo
     halo      context each block gets on each side; None: halo_for(config), exact
     address   a dask.distributed scheduler ('tcp://host:8786'); None: local threads (``workers``)
@@ -310,11 +324,18 @@ def predict_volume(model, source, output: str, *, chunk: int = 512, halo: int | 
         if address is not None:
             raise VolumeError("with a dask.distributed address give the checkpoint path, not a model object: "
                               "every worker loads it once")
-    if kind != "unet" or config.classes != 1:
-        # the halo below is derived from the U-Net's layer table, and the output holds one probability
-        raise VolumeError(f"block-wise prediction supports the one-class U-Net (membrane probabilities); this is "
-                          f"a {kind} with {config.classes} classes: predict its slices with "
+    if kind != "unet":
+        # the halo below is derived from the U-Net's layer table
+        raise VolumeError(f"block-wise prediction supports the U-Net (its halo is the U-Net's receptive field); "
+                          f"this is a {kind} with {config.classes} classes: predict its slices with "
                           f"examples/predict_membranes.py (overlap-tile, every model and class count)")
+    one_class = config.classes == 1
+    if config.classes > 255:
+        raise VolumeError(f"labels are written as uint8 with 255 marking a block not yet written: at most 255 "
+                          f"classes, this U-Net has {config.classes}")
+    if not one_class and mask_output is not None:
+        raise VolumeError(f"a mask is for a one-class model (probability >= threshold); this U-Net has "
+                          f"{config.classes} classes and writes its class labels to the output itself: drop the mask")
     if config.padding != "same":
         raise VolumeError("block-wise prediction supports the 'same' U-Net (the Keras model): the unpadded "
                           "network's output grid depends on the tile, so blocks would not line up")
@@ -333,7 +354,8 @@ def predict_volume(model, source, output: str, *, chunk: int = 512, halo: int | 
     if min(h, w) < halo:
         raise VolumeError(f"slices of {h} x {w} pixels are smaller than the halo {halo}: predict them whole "
                           f"with examples/predict_membranes.py")
-    out = _open_output(output, volume.shape, chunk, np.float32, np.nan, "output")
+    out = _open_output(output, volume.shape, chunk, *((np.float32, np.nan) if one_class else (np.uint8, 255)),
+                       "output")
     if mask_output is not None:
         _open_output(mask_output, volume.shape, chunk, np.uint8, 255, "mask")
 
@@ -341,7 +363,7 @@ def predict_volume(model, source, output: str, *, chunk: int = 512, halo: int | 
     data = (volume if hasattr(volume, "dask") else da.from_array(volume, chunks=(1, chunk, chunk))).rechunk(chunks)
     probability = da.map_overlap(predict_block, data, depth={0: 0, 1: halo, 2: halo},
                                  boundary={0: "none", 1: "reflect", 2: "reflect"}, trim=True, allow_rechunk=False,
-                                 dtype=np.float32, source=holder, grid=grid, meta=np.empty((0, 0, 0), np.float32))
+                                 dtype=out.dtype, source=holder, grid=grid, meta=np.empty((0, 0, 0), out.dtype))
     blocks = probability.to_delayed()
     starts = [np.cumsum((0,) + c) for c in chunks]
     tasks, skipped = [], 0
@@ -353,13 +375,16 @@ def predict_volume(model, source, output: str, *, chunk: int = 512, halo: int | 
         tasks.append(dask.delayed(write_block, pure=False)(blocks[index], region, str(output), mask_output,
                                                           threshold))
     _run(tasks, address, workers, progress)
-    return {"blocks": len(tasks) + skipped, "predicted": len(tasks), "skipped": skipped, "halo": halo}
+    return {"blocks": len(tasks) + skipped, "predicted": len(tasks), "skipped": skipped, "halo": halo,
+            "classes": config.classes}
 
 
 def _written(out, region, mask_output) -> bool:
-    """True when the output (and mask) already hold this block: no fill value left."""
+    """True when the output (and mask) already hold this block: no fill value left (NaN in
+    probabilities, 255 in labels and masks: K is at most 255, so no label is 255)."""
     try:
-        if np.isnan(out[region]).any():
+        values = out[region]
+        if np.isnan(values).any() if values.dtype.kind == "f" else (values == 255).any():
             return False
         if mask_output is not None:
             import zarr
