@@ -8,7 +8,8 @@
 INPUT is a Zarr array (Z, Y, X), or a TIFF stack or a folder of images, converted page by page
 into a Zarr array first (--converted, default INPUT's name + .zarr beside OUTPUT). OUTPUT is a
 Zarr array chunked (1, chunk, chunk): for a one-class U-Net float32 membrane probabilities
-(--mask adds a uint8 mask: 1 membrane, 0 cell); for a U-Net of K classes uint8 class labels.
+(--mask adds a uint8 mask: 1 membrane, 0 cell); for a U-Net of K classes or a SegNet uint8
+class labels. FCN checkpoints are refused (predict_membranes.py predicts them slice by slice).
 Run it again after an interruption: the blocks already written are skipped. Needs the extra: pip install -e ".[scale]". The library side is tinyunet/volume.py.
 """
 import argparse
@@ -25,9 +26,10 @@ def main(argv=None) -> int:
                         "to write or to complete")
     parser.add_argument("--mask", default=None, help="one class: also write a uint8 mask array here")
     parser.add_argument("--threshold", type=float, default=0.5, help="membrane probability threshold for --mask")
-    parser.add_argument("--chunk", type=int, default=512, help="block side in pixels (a multiple of 16, >= halo)")
+    parser.add_argument("--chunk", type=int, default=512, help="block side in pixels, a multiple of the "
+                        "pooling grid (16 for the exact U-Net, 32 for SegNet) and >= halo")
     parser.add_argument("--halo", type=int, default=None, help="context per block side (default: the "
-                        "receptive field, 128 for the exact U-Net: exact)")
+                        "receptive field rounded up to the grid, exact: 128 for the exact U-Net, 224 for SegNet)")
     parser.add_argument("--address", default=None, help="a dask.distributed scheduler; default: this machine")
     parser.add_argument("--workers", type=int, default=1, help="local blocks in flight (each runs the "
                         "model on every core already)")

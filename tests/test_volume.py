@@ -132,7 +132,7 @@ def test_a_local_cluster_of_two_workers_and_a_tiff_stack(tmp_path, tiny, stack):
 
 def test_bad_options_are_refused_before_anything_is_written(tmp_path, tiny, stack, monkeypatch):
     out = tmp_path / "p.zarr"
-    for options, message in (({"chunk": 30}, "multiples of 2\\*\\*depth"), ({"chunk": 16}, "smaller than the halo"),
+    for options, message in (({"chunk": 30}, "multiples of the pooling grid 4"), ({"chunk": 16}, "smaller than the halo"),
                              ({"threshold": 1.0}, "threshold")):
         with pytest.raises(volumes.VolumeError, match=message):
             volumes.predict_volume(tiny, stack, str(out), progress=False, **options)
@@ -147,11 +147,10 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path, tiny, stac
         volumes.predict_volume(tiny, stack, str(out), chunk=CHUNK, progress=False)
 
 
-@pytest.mark.parametrize("kind, classes", [("segnet", 3), ("fcn8s", 2)])
-def test_other_models_are_refused_in_one_line(tmp_path, stack, kind, classes, capsys):
-    """The halo is the U-Net's receptive field: any other model is sent to predict_membranes.py
-    before anything is written (a SegNet checkpoint used to end in an AttributeError on its
-    config)."""
+@pytest.mark.parametrize("kind, classes", [("fcn8s", 2), ("fcn32s", 3)])
+def test_fcn_is_refused_in_one_line(tmp_path, stack, kind, classes, capsys):
+    """The halos are derived for the U-Net and SegNet: FCN is sent to predict_membranes.py
+    before anything is written."""
     from tinyunet.models import build_model
     from scripts import load_example
     model = build_model(kind, classes=classes, base_width=4)
@@ -163,7 +162,7 @@ def test_other_models_are_refused_in_one_line(tmp_path, stack, kind, classes, ca
             volumes.predict_volume(given, stack, str(out), chunk=CHUNK, progress=False)
     assert load_example("predict_volume").main([str(checkpoint), str(tmp_path / "in.tif"), str(out)]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "supports the U-Net" in err
+    assert len(err.strip().splitlines()) == 1 and "supports the U-Net and SegNet" in err
     assert not out.exists()
 
 
@@ -222,7 +221,7 @@ def test_the_command_line_writes_then_completes_a_zarr_volume(tmp_path, tiny, st
     assert example.main(arguments) == 0
     assert "0 blocks predicted, 12 already there" in capsys.readouterr().out
     assert example.main(arguments[:3] + ["--chunk", "30"]) == 2
-    assert "multiples of 2**depth" in capsys.readouterr().err
+    assert "multiples of the pooling grid 4" in capsys.readouterr().err
 
 
 def test_the_command_line_writes_labels_for_k_classes(tmp_path, three_classes, stack, capsys):
@@ -241,3 +240,73 @@ def test_the_command_line_writes_labels_for_k_classes(tmp_path, three_classes, s
     assert example.main(arguments + ["--mask", str(tmp_path / "m.zarr")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "drop the mask" in err
+
+
+# -- SegNet: a halo of 224 pixels from its own receptive field ------------------------------------
+
+def segnet(seed: int, positive: bool = False, dtype="float32"):
+    """A SegNet of width 2 for grey slices and 3 classes, with biases that keep its ReLUs alive
+    (as three_classes); ``positive``: every weight made positive, so that a larger input pixel
+    raises every value it reaches (a change then travels as far as the max-pools let it)."""
+    from tinyunet.segnet import SegNet
+    model = SegNet(classes=3, in_channels=1, base_width=2, dtype=dtype, seed=seed).eval()
+    rng = np.random.default_rng(seed)
+    for layer in model.layers.values():
+        if positive and "weight" in layer.params:
+            layer.params["weight"][:] = np.abs(layer.params["weight"])
+        if "bias" in layer.params:
+            layer.params["bias"][:] = rng.normal(0.05, 0.05, layer.params["bias"].shape)
+    return model
+
+
+@pytest.mark.parametrize("positive", [False, True])
+def test_segnet_reads_no_further_than_its_receptive_field(positive):
+    """A change at input pixel c moves outputs only within [c - left, c + right], at every one
+    of the 32 phases of the five pools. A max-pool passes a change only where it moves a
+    window's maximum, so the reach stays below the bound (positive weights: 196 / 179 of 211)."""
+    left, right = volumes.segnet_receptive_field()
+    assert (left, right) == (211, 211)
+    model = segnet(seed=1, positive=positive, dtype="float64")
+    assert volumes.halo_for(model.config) == 224 and volumes.grid_for(model.config) == 32
+    base = np.random.default_rng(0).random((1, 1, 32, 704)) + 0.5
+    reference = model.forward(base)
+    reach = 0
+    for c in range(336, 368):
+        changed = base.copy()
+        changed[0, 0, :, c] += 1.0
+        moved = np.flatnonzero(np.abs(model.forward(changed) - reference)[0].max(axis=(0, 1)) > 0)
+        assert c - right <= moved.min() and moved.max() <= c + left, (c, moved.min(), moved.max())
+        reach = max(reach, moved.max() - c, c - moved.min())
+    assert reach > 128                        # it does reach past the U-Net's halo: 128 would not do
+
+
+@pytest.fixture(scope="module")
+def wide_slice():
+    """(1, 480, 500) uint8: 2 x 2 blocks of 224 (the remainders 32 and 52, smaller than the halo,
+    join the last block of each axis)."""
+    image = synthetic_membranes(1, size=512, seed=5).images[0]
+    return np.round(image[None, :480, 6:506] * 255).astype(np.uint8)
+
+
+def test_segnet_blocks_equal_the_whole_slice_labels_and_a_smaller_halo_does_not(tmp_path, wide_slice):
+    model = segnet(seed=3)
+    result = volumes.predict_volume(model, wide_slice, str(tmp_path / "l.zarr"), chunk=224, progress=False)
+    assert result == {"blocks": 4, "predicted": 4, "skipped": 0, "halo": 224, "classes": 3}
+    labels = zarr.open_array(str(tmp_path / "l.zarr"), mode="r")[:]
+    probability = predict_probability(model, wide_slice[0].astype(np.float32) / 255, margin=224)   # (K, Y, X)
+    top_two = np.sort(probability, axis=0)[-2:]
+    clear = top_two[1] - top_two[0] > 1e-5
+    assert labels.dtype == np.uint8 and clear.mean() > 0.98
+    np.testing.assert_array_equal(labels[0][clear], probability.argmax(axis=0)[clear])
+    assert np.bincount(labels.ravel(), minlength=3)[:2].min() > 1000
+    volumes.predict_volume(model, wide_slice, str(tmp_path / "s.zarr"), chunk=224, halo=96, progress=False)
+    seams = zarr.open_array(str(tmp_path / "s.zarr"), mode="r")[0] != probability.argmax(axis=0)
+    assert (seams & clear).sum() > 100
+
+
+def test_a_segnet_of_colour_images_is_refused(tmp_path, stack):
+    from tinyunet.segnet import SegNet
+    with pytest.raises(volumes.VolumeError, match="takes 3 input channels"):
+        volumes.predict_volume(SegNet(classes=3, in_channels=3, base_width=2), stack, str(tmp_path / "l.zarr"),
+                               chunk=224, progress=False)
+    assert not (tmp_path / "l.zarr").exists()

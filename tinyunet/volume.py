@@ -6,16 +6,18 @@
 A volume is (Z, Y, X): Z slices of Y x X pixels, integers scaled by their dtype's maximum
 (uint8 / 255, uint16 / 65535) or floats in [0, 1]. The output is a Zarr array of the same
 shape, chunked (1, chunk, chunk): for a one-class U-Net float32 membrane probabilities (and
-optionally a uint8 mask: 1 membrane, 0 cell); for a U-Net of K >= 2 classes uint8 class
-labels, the argmax over the K logits at each pixel (what predict_labels gives a slice). The only module of tinyunet that imports dask and zarr (the
-optional extra ``pip install -e ".[scale]"``).
+optionally a uint8 mask: 1 membrane, 0 cell); for a U-Net of K >= 2 classes or a SegNet
+uint8 class labels, the argmax over the K logits at each pixel (what predict_labels gives a
+slice). The only module of tinyunet that imports dask and zarr (the optional extra
+``pip install -e ".[scale]"``).
 
 How a block is predicted. The volume is cut into blocks of one slice and chunk x chunk pixels
 (the last block of a row takes the remainder when that is smaller than the halo). Dask's
 ``map_overlap`` gives each block a halo of H pixels on each side in y and x, taken from its
 neighbours, or mirrored (symmetric, edge pixel repeated, as infer.py pads) at the volume's
 border. The network sees the whole haloed block at once (zero-padded at the end to a multiple
-of 2**depth), and the central chunk x chunk of its output is kept and written.
+of its pooling grid, 2**depth or 32), and the central chunk x chunk of its output is kept and
+written.
 
 The halo H, from the receptive field. A 'same' U-Net's logit at pixel p depends on input
 pixels [p - left, p + right] only. Walking back from the output: the head's 3x3 conv reads
@@ -35,20 +37,32 @@ depth 2. Then:
     H smaller: pixels within max(left, right) - H of a block's edge see zeros (the network's
     padding) where the whole-slice prediction sees their neighbours' pixels: seams appear.
 
+SegNet, the same walk through its own table (``segnet_receptive_field``): each block b of
+n_b = 2, 2, 3, 3, 3 3x3 convs widens an interval by n_b; its pool maps coarse [lo, hi] to fine
+[2 lo, 2 hi + 1]. A decoder block unpools: its pixel q takes coarse pixel q // 2 of the block
+below, placed where the encoder's pool found that window's maximum, so it reads the coarse
+interval [lo // 2, hi // 2] AND the encoder block's own output over the windows' fine pixels
+[2 (lo // 2), 2 (hi // 2) + 1] (the indices); at the bottom the coarse values are pool5's.
+Over the 32 phases of the five pools: 211 pixels each side, H = 224. Batch norm in evaluation
+mode is a per-channel affine map: it reads one pixel. FCN is not done block-wise: its fc6
+(7x7 at stride 32) reaches some 400 pixels, and its 100-pixel input padding and crops would
+need their own walk.
+
 (``predict_probability``'s default margin of 32 pixels is less than 123: its own pixels near an
 image border see zero padding past the mirrored margin, so it matches this module only when
 given margin=H.)
 
 Memory is bounded by the block, not the volume: one haloed block of (chunk + 2H)^2 pixels and
 its forward pass per worker, which keeps no layer's saved tensors (forward_keeping_nothing);
-nothing else of the volume is held. Resumable: an output chunk
-holding no fill value (NaN for probabilities, 255 for labels and masks) was written (Zarr writes a chunk to a temporary file and
-renames it), so a second run predicts only the blocks that are missing. Runs on Dask's local
+nothing else of the volume is held. Resumable: an output chunk holding no fill value (NaN for
+probabilities, 255 for labels and masks) was written (Zarr writes a chunk to a temporary file
+and renames it), so a second run predicts only the blocks that are missing. Runs on Dask's local
 threaded scheduler by default, on a dask.distributed cluster when given its address (then
 the model travels as its checkpoint path, loaded once per worker process).
 Proofs: tests/test_volume.py (equality with predict_probability for sizes not a multiple of
 the chunk; a halo too small gives seams; an interrupted run resumes to the same result; a
-LocalCluster of 2 workers).
+LocalCluster of 2 workers; K-class U-Net and SegNet labels against the whole slice's argmax;
+SegNet's reach checked against segnet_receptive_field).
 """
 from __future__ import annotations
 
@@ -105,11 +119,43 @@ def receptive_field(depth: int, head_conv: bool = True) -> tuple[int, int]:
     return left, right
 
 
+def segnet_receptive_field() -> tuple[int, int]:
+    """(left, right) of SegNet's logit at p (the walk is in the module docstring; any width or
+    class count: the table's conv counts fix it; tests/test_volume.py checks it)."""
+    from tinyunet.segnet import VGG16_BLOCKS
+
+    def encoder(b, lo, hi):                  # input needed for encoder block b's convs over [lo, hi]
+        lo, hi = lo - VGG16_BLOCKS[b - 1], hi + VGG16_BLOCKS[b - 1]
+        return (lo, hi) if b == 1 else encoder(b - 1, 2 * lo, 2 * hi + 1)     # through pool b - 1
+
+    def decoder(b, lo, hi):                  # input needed for decoder block b's output over [lo, hi]
+        lo, hi = lo - VGG16_BLOCKS[b - 1], hi + VGG16_BLOCKS[b - 1]         # its convs
+        coarse_lo, coarse_hi = lo // 2, hi // 2                              # the unpool's sources
+        where = encoder(b, 2 * coarse_lo, 2 * coarse_hi + 1)                 # pool b's indices
+        below = decoder(b + 1, coarse_lo, coarse_hi) if b < len(VGG16_BLOCKS) else where   # pool5's values
+        return min(where[0], below[0]), max(where[1], below[1])
+
+    left = right = 0
+    for p in range(2 ** len(VGG16_BLOCKS)):
+        lo, hi = decoder(1, p, p)
+        left, right = max(left, p - lo), max(right, hi - p)
+    return left, right
+
+
+def grid_for(config) -> int:
+    """The pooling grid every block must start on: 2**depth (U-Net), 32 (SegNet's five pools)."""
+    return 2 ** config.depth if hasattr(config, "depth") else 2 ** 5
+
+
 def halo_for(config) -> int:
     """The smallest halo that makes block-wise prediction exact: max(left, right) rounded up to
-    a multiple of 2**depth. 128 for the exact U-Net (with one class or K)."""
-    grid = 2 ** config.depth
-    return -(-max(receptive_field(config.depth, head_conv=config.classes == 1)) // grid) * grid
+    the pooling grid. 128 for the exact U-Net (with one class or K), 224 for SegNet."""
+    grid = grid_for(config)
+    if hasattr(config, "depth"):
+        field = receptive_field(config.depth, head_conv=config.classes == 1)
+    else:
+        field = segnet_receptive_field()
+    return -(-max(field) // grid) * grid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,14 +346,14 @@ def predict_volume(model, source, output: str, *, chunk: int = 512, halo: int | 
     """Predict every block of ``source`` that ``output`` does not hold yet; returns the counts
     (blocks, predicted, skipped), the halo and the model's classes.
 
-    model     a UNet (one class: probabilities; K classes: labels), or the path of its checkpoint
-              (needed with ``address``); FCN and SegNet are refused in one line
-              (examples/predict_membranes.py predicts them slice by slice)
+    model     a UNet (one class: probabilities; K classes: labels) or a SegNet (labels), or the
+              path of its checkpoint (needed with ``address``); FCN is refused in one line
+              (examples/predict_membranes.py predicts it slice by slice)
     source    (Z, Y, X) array, Zarr array path, TIFF stack or image folder (see open_volume)
     output    the Zarr array to write or complete: float32 probabilities (one class) or uint8
               labels (K classes)
     mask_output, threshold   one class only: a uint8 mask, probability >= threshold
-    chunk     block side in y and x, a multiple of 2**depth, at least the halo
+    chunk     block side in y and x, a multiple of the pooling grid (grid_for), at least the halo
     halo      context each block gets on each side; None: halo_for(config), exact
     address   a dask.distributed scheduler ('tcp://host:8786'); None: local threads (``workers``)
     """
@@ -324,26 +370,29 @@ def predict_volume(model, source, output: str, *, chunk: int = 512, halo: int | 
         if address is not None:
             raise VolumeError("with a dask.distributed address give the checkpoint path, not a model object: "
                               "every worker loads it once")
-    if kind != "unet":
-        # the halo below is derived from the U-Net's layer table
-        raise VolumeError(f"block-wise prediction supports the U-Net (its halo is the U-Net's receptive field); "
-                          f"this is a {kind} with {config.classes} classes: predict its slices with "
-                          f"examples/predict_membranes.py (overlap-tile, every model and class count)")
+    if kind not in ("unet", "segnet"):
+        # the halo below is derived from the U-Net's and SegNet's layer tables
+        raise VolumeError(f"block-wise prediction supports the U-Net and SegNet (their halos are derived from "
+                          f"their receptive fields); this is a {kind} with {config.classes} classes: predict its "
+                          f"slices with examples/predict_membranes.py (overlap-tile, every model and class count)")
+    if config.in_channels != 1:
+        raise VolumeError(f"a volume is grey slices, one channel each; this {kind} takes {config.in_channels} "
+                          f"input channels: use a model built with in_channels=1")
     one_class = config.classes == 1
     if config.classes > 255:
         raise VolumeError(f"labels are written as uint8 with 255 marking a block not yet written: at most 255 "
-                          f"classes, this U-Net has {config.classes}")
+                          f"classes, this {kind} has {config.classes}")
     if not one_class and mask_output is not None:
-        raise VolumeError(f"a mask is for a one-class model (probability >= threshold); this U-Net has "
+        raise VolumeError(f"a mask is for a one-class model (probability >= threshold); this {kind} has "
                           f"{config.classes} classes and writes its class labels to the output itself: drop the mask")
-    if config.padding != "same":
+    if kind == "unet" and config.padding != "same":
         raise VolumeError("block-wise prediction supports the 'same' U-Net (the Keras model): the unpadded "
                           "network's output grid depends on the tile, so blocks would not line up")
-    grid = 2 ** config.depth
+    grid = grid_for(config)
     halo = halo_for(config) if halo is None else int(halo)
     if chunk % grid or halo % grid or halo < 0:
-        raise VolumeError(f"chunk {chunk} and halo {halo} must be multiples of 2**depth = {grid} (the pooling "
-                          f"grid of every block must line up with the slice's)")
+        raise VolumeError(f"chunk {chunk} and halo {halo} must be multiples of the pooling grid {grid} (every "
+                          f"block's pooling grid must line up with the slice's)")
     if chunk < halo:
         raise VolumeError(f"chunk {chunk} is smaller than the halo {halo}: Dask takes a block's halo from its "
                           f"neighbours only; use chunk >= {halo}")
