@@ -126,7 +126,7 @@ def test_import_sets_the_malloc_threshold_unless_told_not_to():
     import sys
     code = "import tinyunet; print(tinyunet.MALLOPT_APPLIED)"
     clean = {k: v for k, v in os.environ.items()
-             if k not in ("TINYUNET_NO_MALLOPT", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+             if k not in ("TINYUNET_NO_MALLOPT", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")}
 
     def applied(**extra):
         done = subprocess.run([sys.executable, "-c", code], env={**clean, **extra}, capture_output=True,
@@ -137,6 +137,7 @@ def test_import_sets_the_malloc_threshold_unless_told_not_to():
     assert applied() == str(glibc)
     assert applied(TINYUNET_NO_MALLOPT="1") == "False"
     assert applied(MALLOC_MMAP_THRESHOLD_="65536") == "False"
+    assert applied(MALLOC_TRIM_THRESHOLD_="65536") == "False"
 
 
 def test_import_shortens_openblas_spin_unless_numpy_came_first_or_the_user_chose():

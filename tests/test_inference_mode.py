@@ -323,6 +323,54 @@ def test_unwritten_gradients_and_freed_activations_are_not_resident():
     assert seen["inside"] < 8 * mb, seen                                      # no_grad() gives it back
 
 
+_TRIM_PROBE = r"""
+import json
+import numpy as np
+import tinyunet
+from tinyunet.segnet import SegNet
+
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+def held_after_freeing_the_top():
+    # 16 MB written at the top of the heap, then freed: above the trim threshold glibc gives
+    # it back to the kernel, below it the process keeps it
+    before = resident()
+    top = np.ones(2 ** 22, dtype=np.float32)
+    del top
+    return resident() - before
+
+model = SegNet(classes=2, in_channels=1, base_width=2)
+seen = {"built": held_after_freeing_the_top()}
+model.backward(np.ones_like(model.forward(np.ones((1, 1, 32, 32), np.float32))))
+seen["trained"] = held_after_freeing_the_top()
+with tinyunet.no_grad():
+    seen["inside"] = held_after_freeing_the_top()
+seen["after"] = held_after_freeing_the_top()
+seen["applied"] = tinyunet.MALLOPT_APPLIED
+print(json.dumps(seen))
+"""
+
+
+def test_the_first_backward_keeps_freed_memory_and_no_grad_gives_it_back():
+    """Fresh process: before any backward a 16 MB block freed at the top of the heap goes back
+    to the kernel (a built model's zero gradients stay unwritten: the test above); from the
+    first backward on the process keeps it for the next step; inside no_grad() it goes back
+    again, and after the block it is kept (tinyunet/grad_mode.py, keep_freed_memory)."""
+    import json
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _TRIM_PROBE], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    if not seen["applied"]:
+        pytest.skip("tinyunet did not set glibc's malloc thresholds here (not glibc, or the user tuned malloc)")
+    mb = 2 ** 20
+    assert seen["built"] < 2 * mb and seen["inside"] < 2 * mb, seen
+    assert seen["trained"] > 15 * mb and seen["after"] > 15 * mb, seen
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_shifted_forward_in_bands_equals_one_pass(dtype):
     """The shifted conv (few output channels: the U-Net's head) runs its forward in bands of

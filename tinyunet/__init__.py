@@ -44,12 +44,14 @@ def _keep_large_blocks_in_the_heap() -> bool:
     'madvise' (NumPy asks for them) the kernel may also compact memory to find them. With the
     threshold at 1 GiB freed blocks stay in the process for the next step: one 256x256 training
     step measured 3.42-3.52 s before, 2.77-2.88 s after (examples/RESULTS.md).
-    Process-wide, like the OpenMP policy above, so it is skipped when the user tuned malloc
-    (MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES set) or set TINYUNET_NO_MALLOPT=1, and wherever
-    the C library is not glibc. Returns whether the setting was made.
+    The first backward also raises the trim threshold (tinyunet/grad_mode.py, keep_freed_memory).
+    Process-wide, like the OpenMP policy above, so both are skipped when the user tuned malloc
+    (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or GLIBC_TUNABLES set) or set
+    TINYUNET_NO_MALLOPT=1, and wherever the C library is not glibc. Returns whether the setting
+    was made.
     """
     if (os.environ.get("TINYUNET_NO_MALLOPT") == "1" or "MALLOC_MMAP_THRESHOLD_" in os.environ
-            or "GLIBC_TUNABLES" in os.environ):
+            or "MALLOC_TRIM_THRESHOLD_" in os.environ or "GLIBC_TUNABLES" in os.environ):
         return False
     try:
         if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):   # glibc answers this

@@ -262,8 +262,7 @@ class FCN(LayerNetwork):
     def backward(self, dlogits):
         """dlogits: (N, K, H, W) -> dL/dx; fills every layer's grads (zeros for frozen upsamplers)."""
         c = self.config
-        for layer in self.layers.values():
-            layer.grads.clear()
+        self._begin_backward()
         dpool = {}                                                       # the score paths' share
         if c.variant == "32s":
             g = self._back("upscore", self._back("score", dlogits))

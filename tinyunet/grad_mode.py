@@ -49,8 +49,23 @@ _state = threading.local()
 # to leave puts 1 GiB back; a training forward in another thread meanwhile runs unchanged, only
 # with fresh pages for its large arrays.
 INFERENCE_MMAP_THRESHOLD = 32 * 2 ** 20
-_M_MMAP_THRESHOLD = -3
-_malloc = {"inside": 0, "lock": threading.Lock(), "libc": None}
+#
+# The trim threshold. Setting the mmap threshold freezes glibc's trim threshold at its default,
+# 128 KiB: whenever more than that lies free at the top of a heap, glibc gives it back to the
+# kernel, from the main thread's heap and from the worker threads' alike (OpenBLAS's threads
+# allocate their buffers per product, Numba's per task), and a training step faults it all in
+# again the next time: a SegNet step (width 16, 128x128, batch 2) took 4,400-4,600 minor page
+# faults, and a batch of 36 (16, 16) @ (16, 2178) products on two OpenBLAS threads 2.2-2.5 ms
+# instead of 0.7-0.8 (examples/RESULTS.md). So the first backward of any network
+# (keep_freed_memory) raises it to TRAINING_TRIM_THRESHOLD: from then on what a step frees stays
+# in the process for the next step (4 faults a step). Not at import: building a model frees its
+# float64 initial weights and then allocates its zero gradients (calloc, tinyunet/layers/base.py:
+# zero_grad), and with the freed heap kept calloc would reuse it and write every byte, 124 MB
+# resident for an exact U-Net that only predicts. Inside no_grad() it is glibc's default again.
+TRAINING_TRIM_THRESHOLD = 2 ** 30
+GLIBC_TRIM_THRESHOLD = 128 * 2 ** 10
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_malloc = {"inside": 0, "lock": threading.Lock(), "libc": None, "training": False}
 
 
 def _libc():
@@ -69,6 +84,7 @@ def _enter_inference_malloc():
         _malloc["inside"] += 1
         if _malloc["inside"] == 1 and (libc := _libc()) is not None:
             libc.mallopt(_M_MMAP_THRESHOLD, INFERENCE_MMAP_THRESHOLD)
+            libc.mallopt(_M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD)
 
 
 def _leave_inference_malloc():
@@ -76,6 +92,19 @@ def _leave_inference_malloc():
         _malloc["inside"] -= 1
         if _malloc["inside"] == 0 and (libc := _libc()) is not None:
             libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)          # tinyunet/__init__.py's setting
+            libc.mallopt(_M_TRIM_THRESHOLD, TRAINING_TRIM_THRESHOLD if _malloc["training"] else GLIBC_TRIM_THRESHOLD)
+
+
+def keep_freed_memory():
+    """Called by every network's backward: from the first one on, the process keeps what a step
+    frees (the trim threshold above). Once per process; cheap after that."""
+    if _malloc["training"]:
+        return
+    with _malloc["lock"]:
+        if not _malloc["training"]:
+            _malloc["training"] = True
+            if _malloc["inside"] == 0 and (libc := _libc()) is not None:
+                libc.mallopt(_M_TRIM_THRESHOLD, TRAINING_TRIM_THRESHOLD)
 
 
 def is_grad_enabled() -> bool:

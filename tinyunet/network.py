@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from tinyunet.backend import device_of, get_array_module, is_array, to_device
-from tinyunet.grad_mode import no_grad
+from tinyunet.grad_mode import keep_freed_memory, no_grad
 from tinyunet.layers import Add, Crop2d, Dropout, MaxPool2d, MaxUnpool2d
 from tinyunet.layers.base import LayerInputError
 
@@ -42,6 +42,14 @@ class LayerNetwork:
         if self.tracer is not None:      # a pool that returns (y, indices) is traced by its y
             self.tracer.on_forward(name, layer, output[0] if isinstance(output, tuple) else output)
         return output
+
+    def _begin_backward(self):
+        """Drop the previous step's gradients (the optimizer has used them) before the new ones
+        arrive, so that two sets never coexist; and from this first backward on, keep what a
+        step frees in the process (tinyunet/grad_mode.py, keep_freed_memory)."""
+        keep_freed_memory()
+        for layer in self.layers.values():
+            layer.grads.clear()
 
     def _back(self, name, grad_output):
         layer = self.layers[name]

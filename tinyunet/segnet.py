@@ -172,8 +172,7 @@ class SegNet(LayerNetwork):
     # -- backward -----------------------------------------------------------------------------
     def backward(self, dlogits):
         """dlogits: (N, K, H, W) -> dL/dx; fills every layer's grads."""
-        for layer in self.layers.values():
-            layer.grads.clear()
+        self._begin_backward()
         g = dlogits
         for b in range(1, 6):                                            # decoder, last block first
             for j in range(1, VGG16_BLOCKS[b - 1] + 1):

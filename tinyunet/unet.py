@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinyunet.backend import device_of, get_array_module, is_array, to_device
-from tinyunet.grad_mode import is_grad_enabled, no_grad
+from tinyunet.grad_mode import is_grad_enabled, keep_freed_memory, no_grad
 from tinyunet.layers import CenterCrop2d, Concat, Conv2d, Dropout, MaxPool2d, ReLU, UpConv2d, sigmoid
 from tinyunet.layers.base import LayerInputError
 from tinyunet.losses import log_softmax
@@ -329,7 +329,9 @@ class UNet:
         """
         c = self.config
         # The previous step's gradients have served (the optimizer used them): drop them before
-        # the new ones arrive, so that two sets never coexist (124 MB at the exact width).
+        # the new ones arrive, so that two sets never coexist (124 MB at the exact width). From
+        # the first backward on, the process keeps what a step frees (tinyunet/grad_mode.py).
+        keep_freed_memory()
         for layer in self.layers.values():
             layer.grads.clear()
         g = self._back("head.out", dlogits)                         # (N, 2, H, W)
