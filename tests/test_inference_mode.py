@@ -268,15 +268,17 @@ def test_fcn_and_segnet_keep_no_array_after_a_no_grad_forward(network):
 # ---------------------------------------------------------------------------------------------
 # Memory the process holds (issue 18): gradients never written, and freed activations
 # ---------------------------------------------------------------------------------------------
-_RESIDENT_PROBE = r"""
+_PROBE_START = r"""
 import json, sys
 import numpy as np
 import tinyunet
-from tinyunet.unet import UNet
 
 def resident():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
+"""
+_RESIDENT_PROBE = _PROBE_START + r"""
+from tinyunet.unet import UNet
 
 def held_after_freeing_a_hole():
     # 64 MB written, then 1 MB above it, then the 64 MB freed: a hole below a live block,
@@ -323,15 +325,8 @@ def test_unwritten_gradients_and_freed_activations_are_not_resident():
     assert seen["inside"] < 8 * mb, seen                                      # no_grad() gives it back
 
 
-_TRIM_PROBE = r"""
-import json
-import numpy as np
-import tinyunet
+_TRIM_PROBE = _PROBE_START + r"""
 from tinyunet.segnet import SegNet
-
-def resident():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 def held_after_freeing_the_top():
     # 16 MB written at the top of the heap, then freed: above the trim threshold glibc gives
