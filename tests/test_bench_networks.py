@@ -4,25 +4,13 @@ input's size (FCN's crops at tinyunet's derived offsets), and one step of each r
 process, at a tiny width and size (the timed runs are the script's, never a test's)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from scripts import load_example
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(EXAMPLES))                 # bench_networks imports bench_unet's helpers
-    try:
-        spec = importlib.util.spec_from_file_location("bench_networks", EXAMPLES / "bench_networks.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    return load_example("bench_networks")     # which puts examples/ on sys.path for bench_unet's helpers
 
 
 @pytest.mark.torch

@@ -258,9 +258,8 @@ def rank_library(out: Path) -> None:
 def rank_train(out: Path) -> None:
     """train_membranes.py three times: 4 steps straight; 2 steps; --resume to 4. Every write
     this rank opens under out/runs is recorded (a Python audit hook)."""
-    spec = importlib.util.spec_from_file_location("train_membranes", EXAMPLES / "train_membranes.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    from scripts import load_example                   # tests/ is sys.path[0] in a rank
+    example = load_example("train_membranes")
     runs = (out / "runs").resolve()
     writes = []
 

@@ -4,23 +4,13 @@ On the CPU the GPU is played by stand-ins (a fake CuPy with a memory pool that c
 torch.cuda), so the reporting code is tested everywhere; the @pytest.mark.gpu tests at the end
 run both benchmarks with --device gpu at a tiny size where a GPU is.
 """
-import importlib.util
-import pathlib
 import types
 
 import numpy as np
 import pytest
 
+from scripts import load_example
 from tinyunet import backend
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_bench_unet():
-    spec = importlib.util.spec_from_file_location("bench_unet", ROOT / "examples" / "bench_unet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class FakePool:
@@ -107,7 +97,7 @@ def test_tf32_is_turned_off_for_pytorch_and_stated_for_cupy(monkeypatch):
         assert settings == {"CUPY_TF32": "unset (off)", "torch_matmul_allow_tf32": False,
                             "torch_cudnn_allow_tf32": False, "torch_cudnn_benchmark": True}
         torch.backends.cudnn.allow_tf32 = True
-        unet = load_bench_unet().torch_fp32_exact(torch)
+        unet = load_example("bench_unet").torch_fp32_exact(torch)
         assert unet["cudnn_allow_tf32"] is False and unet["matmul_allow_tf32"] is False and unet["cudnn_benchmark"]
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
@@ -123,7 +113,7 @@ def worker_result(framework, times, rss, used=None, held=None):
 
 
 def test_bench_unet_reports_gpu_peaks_and_no_rss_ratio_on_the_gpu():
-    bench = load_bench_unet()
+    bench = load_example("bench_unet")
     runs = {"tinyunet": [worker_result("tinyunet", [0.03, 0.04], 3_000_000_000, 1_500_000_000, 2_000_000_000)],
             "torch": [worker_result("torch", [0.02, 0.02], 2_000_000_000, 1_000_000_000, 1_000_000_000)]}
     pooled = {f: r[0]["times"] for f, r in runs.items()}
@@ -137,7 +127,7 @@ def test_bench_unet_reports_gpu_peaks_and_no_rss_ratio_on_the_gpu():
 
 
 def test_bench_unet_keeps_the_rss_ratio_on_the_cpu():
-    bench = load_bench_unet()
+    bench = load_example("bench_unet")
     runs = {"tinyunet": [worker_result("tinyunet", [0.3], 3_000_000_000)],
             "torch": [worker_result("torch", [0.2], 2_000_000_000)]}
     lines = bench.report_lines(128, 2, "cpu", {f: r[0]["times"] for f, r in runs.items()}, runs)
@@ -160,7 +150,7 @@ def test_kernel_bench_prints_the_gpu_memory_table():
 @pytest.mark.gpu
 def test_bench_unet_on_the_gpu(capsys):
     pytest.importorskip("torch")
-    bench = load_bench_unet()
+    bench = load_example("bench_unet")
     assert bench.main(["--device", "gpu", "--sizes", "32", "--steps", "1", "--batch", "1"]) == 0
     out = capsys.readouterr().out
     assert "GPU peak in use tinyunet/torch" in out and "TF32 off on both sides" in out
