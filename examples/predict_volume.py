@@ -25,7 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("output", help="the Zarr array of probabilities (one class) or labels (K classes) "
                         "to write or to complete")
     parser.add_argument("--mask", default=None, help="one class: also write a uint8 mask array here")
-    parser.add_argument("--threshold", type=float, default=0.5, help="membrane probability threshold for --mask")
+    parser.add_argument("--threshold", type=float, default=None, help="one class: the membrane probability "
+                        "threshold for --mask (default 0.5)")
     parser.add_argument("--chunk", type=int, default=512, help="block side in pixels, a multiple of the "
                         "pooling grid (16 for the exact U-Net, 32 for SegNet) and >= halo")
     parser.add_argument("--halo", type=int, default=None, help="context per block side (default: the "

@@ -199,10 +199,13 @@ def test_a_k_class_unet_writes_the_labels_of_the_whole_slice_prediction(tmp_path
     np.testing.assert_array_equal(zarr.open_array(out, mode="r")[:], labels)
 
 
-def test_a_k_class_unet_refuses_a_mask_and_a_probability_array(tmp_path, three_classes, stack):
+def test_a_k_class_unet_refuses_a_mask_a_threshold_and_a_probability_array(tmp_path, three_classes, stack):
     with pytest.raises(volumes.VolumeError, match="a mask is for a one-class model.*drop the mask"):
         volumes.predict_volume(three_classes, stack, str(tmp_path / "l.zarr"), chunk=CHUNK, progress=False,
                                mask_output=str(tmp_path / "m.zarr"))
+    with pytest.raises(volumes.VolumeError, match="a mask is for a one-class model.*drop the threshold"):
+        volumes.predict_volume(three_classes, stack, str(tmp_path / "l.zarr"), chunk=CHUNK, progress=False,
+                               threshold=0.3)
     assert not (tmp_path / "l.zarr").exists() and not (tmp_path / "m.zarr").exists()
     zarr.create_array(store=str(tmp_path / "p.zarr"), shape=stack.shape, chunks=(1, 32, 32), dtype=np.float32)
     with pytest.raises(volumes.VolumeError, match="float32 .* not the uint8"):
@@ -240,6 +243,8 @@ def test_the_command_line_writes_labels_for_k_classes(tmp_path, three_classes, s
     assert example.main(arguments + ["--mask", str(tmp_path / "m.zarr")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "drop the mask" in err
+    assert example.main(arguments + ["--threshold", "0.3"]) == 2
+    assert "drop the threshold" in capsys.readouterr().err
 
 
 # -- SegNet: a halo of 224 pixels from its own receptive field ------------------------------------

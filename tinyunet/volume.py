@@ -340,7 +340,7 @@ def _open_output(path: str, shape, chunk: int, dtype, fill, what: str):
 # The whole run
 # ---------------------------------------------------------------------------------------------
 def predict_volume(model, source, output: str, *, chunk: int = 512, halo: int | None = None,
-                   mask_output: str | None = None, threshold: float = 0.5, address: str | None = None,
+                   mask_output: str | None = None, threshold: float | None = None, address: str | None = None,
                    workers: int = 1, device: str = "cpu", converted: str | None = None,
                    progress: bool = True) -> dict:
     """Predict every block of ``source`` that ``output`` does not hold yet; returns the counts
@@ -352,7 +352,7 @@ def predict_volume(model, source, output: str, *, chunk: int = 512, halo: int | 
     source    (Z, Y, X) array, Zarr array path, TIFF stack or image folder (see open_volume)
     output    the Zarr array to write or complete: float32 probabilities (one class) or uint8
               labels (K classes)
-    mask_output, threshold   one class only: a uint8 mask, probability >= threshold
+    mask_output, threshold   one class only: a uint8 mask, probability >= threshold (None: 0.5)
     chunk     block side in y and x, a multiple of the pooling grid (grid_for), at least the halo
     halo      context each block gets on each side; None: halo_for(config), exact
     address   a dask.distributed scheduler ('tcp://host:8786'); None: local threads (``workers``)
@@ -382,9 +382,11 @@ def predict_volume(model, source, output: str, *, chunk: int = 512, halo: int | 
     if config.classes > 255:
         raise VolumeError(f"labels are written as uint8 with 255 marking a block not yet written: at most 255 "
                           f"classes, this {kind} has {config.classes}")
-    if not one_class and mask_output is not None:
+    if not one_class and (mask_output is not None or threshold is not None):
+        what = "the mask" if mask_output is not None else "the threshold"
         raise VolumeError(f"a mask is for a one-class model (probability >= threshold); this {kind} has "
-                          f"{config.classes} classes and writes its class labels to the output itself: drop the mask")
+                          f"{config.classes} classes and writes its class labels to the output itself: drop {what}")
+    threshold = 0.5 if threshold is None else threshold
     if kind == "unet" and config.padding != "same":
         raise VolumeError("block-wise prediction supports the 'same' U-Net (the Keras model): the unpadded "
                           "network's output grid depends on the tile, so blocks would not line up")
