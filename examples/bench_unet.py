@@ -328,8 +328,9 @@ def main(argv=None):
           f"  {os.cpu_count()} CPUs  python {platform.python_version()}  device={args.device}")
     print("# " + "  ".join(f"{name} {_version(name)}" for name in ("numpy", "numba", "torch"))
           + "  " + "  ".join(f"{name}={STARTING_ENVIRONMENT.get(name, 'unset')}" for name in
-                             ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_CORETYPE"))
-          + "  (where unset, tinyunet's process sets OMP_WAIT_POLICY=PASSIVE, OPENBLAS_THREAD_TIMEOUT=18)")
+                             ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_CORETYPE"))
+          + "  (where unset, tinyunet's process sets OMP_WAIT_POLICY=PASSIVE, GOMP_SPINCOUNT=10000, "
+            "OPENBLAS_THREAD_TIMEOUT=18)")
     print(f"# command: python examples/bench_unet.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     if skipped:
         print(f"# skipped (not importable): {', '.join(skipped)}")

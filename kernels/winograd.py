@@ -54,7 +54,7 @@ from tinyunet.backend import get_array_module
 from . import forced
 
 try:  # Numba is a dependency, but the reference works without it
-    from numba import njit, prange
+    from numba import get_num_threads, njit, prange
 except ImportError:  # pragma: no cover
     njit = None
 
@@ -671,6 +671,82 @@ def weight_transform_backward(du_t, tile: int = 2):
 
 def _fast(*arrays) -> bool:
     return njit is not None and forced() != "reference" and all(isinstance(a, np.ndarray) for a in arrays)
+
+
+# -- the a^2 products between the transforms ----------------------------------------------------
+# M[k] = U[k] @ V[k] forward; dU^T[k] = V[k] @ dM[k]^T and dV[k] = U[k]^T @ dM[k] backward.
+# np.matmul hands each of the 16 or 36 products to OpenBLAS, whose own threads split it, while
+# the transforms before and after run on Numba's threads: on two cores every hand-over between
+# the two pools wakes a sleeping thread (75-80 us on the development VM) and the pools' threads
+# contend for the cores. With more than one Numba thread the products run on Numba's pool
+# instead, one product per task, each a single-threaded BLAS call (np.dot inside Numba calls
+# SciPy's OpenBLAS, a library apart from NumPy's; _scipy_blas_on_one_thread holds it to one
+# thread for the whole process, or this path is not taken). Together with a short spin of
+# Numba's idle threads (GOMP_SPINCOUNT, tinyunet/__init__.py) a SegNet step (width 16, 128x128,
+# batch 2) on two threads took 122-156 ms against 148-211 ms, four alternations each; FCN-8s
+# 178-234 against 209-232 ms; the exact U-Net's 128x128 step 968-994 against 1003-1098 ms
+# (examples/RESULTS.md, fourth session). On one thread np.matmul stays: there Numba's BLAS calls
+# measured 1.3-1.5x slower than NumPy's.
+
+def _scipy_blas_on_one_thread() -> bool:
+    """Set SciPy's OpenBLAS (what np.dot inside Numba calls) to one thread; False where it
+    cannot be found (SciPy built against another BLAS): then np.matmul serves."""
+    import ctypes
+    import glob
+    import os
+    try:
+        import scipy
+    except ImportError:  # pragma: no cover
+        return False
+    for path in glob.glob(os.path.join(os.path.dirname(scipy.__file__) + ".libs", "libscipy_openblas*.so*")):
+        try:
+            ctypes.CDLL(path).scipy_openblas_set_num_threads(1)
+            return True
+        except (OSError, AttributeError):
+            continue
+    return False
+
+
+if njit is not None:
+    @njit(parallel=True, cache=True, nogil=True)
+    def _products_nn(a, b, out):
+        for k in prange(a.shape[0]):
+            np.dot(a[k], b[k], out[k])
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _products_nt(a, b, out):
+        for k in prange(a.shape[0]):
+            np.dot(a[k], b[k].T, out[k])
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _products_tn(a, b, out):
+        for k in prange(a.shape[0]):
+            np.dot(a[k].T, b[k], out[k])
+
+_PRODUCTS_ON_NUMBA = {"ready": None}
+
+
+def products(a, b, out=None, transpose_a: bool = False, transpose_b: bool = False):
+    """out[k] = op(a[k]) @ op(b[k]) for every k, op the transpose where asked; a, b: (K, ., .),
+    out: of the result's shape or None (a fresh array). NumPy arrays, C-contiguous, float32 or
+    float64, with more than one Numba thread: Numba's tasks (above); otherwise matmul (NumPy's
+    or CuPy's), which is also the reference (tests/test_winograd.py)."""
+    if transpose_a and transpose_b:
+        raise ValueError("products: transpose a or b, not both")
+    a_op = a.transpose(0, 2, 1) if transpose_a else a
+    b_op = b.transpose(0, 2, 1) if transpose_b else b
+    on_numba = (_fast(a, b) and get_num_threads() > 1 and a.dtype == b.dtype and a.dtype in (np.float32, np.float64)
+                and a.flags.c_contiguous and b.flags.c_contiguous
+                and (out is None or (out.flags.c_contiguous and out.dtype == a.dtype)))
+    if on_numba and _PRODUCTS_ON_NUMBA["ready"] is None:       # the first time it is wanted
+        _PRODUCTS_ON_NUMBA["ready"] = _scipy_blas_on_one_thread()
+    if not (on_numba and _PRODUCTS_ON_NUMBA["ready"]):
+        xp = get_array_module(a)
+        return xp.matmul(a_op, b_op) if out is None else xp.matmul(a_op, b_op, out=out)
+    if out is None:
+        out = np.empty((a.shape[0], a_op.shape[1], b_op.shape[2]), dtype=a.dtype)
+    (_products_tn if transpose_a else _products_nt if transpose_b else _products_nn)(a, b, out)
+    return out
 
 
 def input_transform(x, top, left, tiles_h, tiles_w, out=None, tile: int = 2):

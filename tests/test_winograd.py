@@ -186,3 +186,43 @@ def test_the_tile_follows_the_image_size():
     assert conv._winograd_tile((2, 512, 16, 16), same) == 2
     assert conv._winograd_tile((2, 64, 34, 34), ((0, 0), (0, 0))) == 4        # 32x32 out, valid
     assert conv._winograd_tile((2, 64, 33, 33), ((0, 0), (0, 0))) == 2        # 31x31 out
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.sampled_from([1, 16, 36]), m=st.integers(1, 20), inner=st.integers(1, 20), n=st.integers(1, 40),
+       transpose=st.sampled_from(["", "a", "b"]), dtype=st.sampled_from([np.float32, np.float64]),
+       into_out=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_the_products_on_numba_threads_equal_matmul(k, m, inner, n, transpose, dtype, into_out, seed):
+    """winograd.products (the a^2 products of a Winograd conv: one BLAS call per Numba task when
+    Numba has more than one thread, np.matmul otherwise) against np.matmul, for each transpose."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((k, inner, m) if transpose == "a" else (k, m, inner)).astype(dtype)
+    b = rng.standard_normal((k, n, inner) if transpose == "b" else (k, inner, n)).astype(dtype)
+    expected = np.matmul(a.transpose(0, 2, 1) if transpose == "a" else a, b.transpose(0, 2, 1) if transpose == "b" else b)
+    out = np.full(expected.shape, np.nan, dtype=dtype) if into_out else None
+    got = winograd.products(a, b, out=out, transpose_a=transpose == "a", transpose_b=transpose == "b")
+    assert got.shape == expected.shape and got.dtype == dtype and (out is None or got is out)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance * inner)
+
+
+def test_the_products_take_numbas_threads_where_there_are_two(monkeypatch):
+    """With more than one Numba thread the products run in Numba's kernels (and SciPy's BLAS is
+    held to one thread); with one, or with the reference forced, np.matmul serves."""
+    import numba
+    a, b = np.ones((4, 3, 5), np.float32), np.ones((4, 5, 2), np.float32)
+    calls = []
+    monkeypatch.setattr(winograd, "_products_nn", lambda *args: calls.append("numba"))
+    if numba.config.NUMBA_NUM_THREADS > 1:
+        winograd.products(a, b)
+        assert calls == ["numba"] and winograd._PRODUCTS_ON_NUMBA["ready"] is True
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        np.testing.assert_array_equal(winograd.products(a, b), np.full((4, 3, 2), 5, np.float32))
+    finally:
+        numba.set_num_threads(previous)
+    with kernels.using("reference"):
+        np.testing.assert_array_equal(winograd.products(a, b), np.full((4, 3, 2), 5, np.float32))
+    assert calls in ([], ["numba"])
+    assert len(calls) == (1 if numba.config.NUMBA_NUM_THREADS > 1 else 0)

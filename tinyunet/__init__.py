@@ -9,8 +9,16 @@ import os
 # cores the next matrix product needs: on 2 cores one 128x128 U-Net training step measured
 # 2.65 s with active waiting against 1.09 s with passive waiting (examples/RESULTS.md). So ask
 # for passive waiting unless the user chose a policy; it counts because the OpenMP runtime
-# starts at the first parallel kernel, after this import.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# starts at the first parallel kernel, after this import. Passive waiting alone puts an idle
+# thread to sleep at once, and waking it costs every parallel kernel 75-80 us on the
+# development VM (a 2 MB ReLU: 80 us on one thread, 150 us on two); so a short spin first,
+# GOMP_SPINCOUNT=10000 (GNU OpenMP's, which Numba uses here; it overrides the policy's zero),
+# which with the Winograd products on Numba's threads (kernels/winograd.py, products) took a
+# two-thread SegNet step from 148-211 ms to 122-156 ms and left the U-Net's unchanged; 100,000
+# made the U-Net's 128x128 step 15 % slower (examples/RESULTS.md, fourth session).
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
 def _short_openblas_spin() -> bool:

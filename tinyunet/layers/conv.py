@@ -574,7 +574,7 @@ def _forward_winograd(x, weight, bias, padding):
         m_images = band.shape[0]
         v, m = _winograd_buffers(xp, c, f, m_images * th * tw, x.dtype, t)
         v = winograd.input_transform(band, top, left, th, tw, out=v, tile=t)
-        m = xp.matmul(u, v, out=m)
+        m = winograd.products(u, v, out=m)                              # M[k] = U[k] @ V[k]
         if y is None:
             return winograd.output_transform(m, n, oh, ow, bias, tile=t)
         r0, r1 = piece.out_rows
@@ -590,7 +590,6 @@ def _backward_winograd(x, weight, dy, padding):
     # every layer until its backward would hold 16/9 (2x2 tiles) or 36/9 of the weights' bytes more
     t = _winograd_tile(x.shape, padding)
     u = winograd.weight_transform(weight, t)                            # (a^2, F, C)
-    ut = u.transpose(0, 2, 1)                                           # (a^2, C, F), a view
     parts = _winograd_pieces(x.shape, f, padding, x.itemsize, t)
     du_t = None                                                         # dU^T: (a^2, C, F)
     dx = None if len(parts) == 1 else xp.zeros(x.shape, dtype=x.dtype)
@@ -604,10 +603,10 @@ def _backward_winograd(x, weight, dy, padding):
         dm = winograd.output_transform_backward(dy[piece.image, :, r0:r1], out=dm, tile=t)
         # dU^T[k] = V[k] @ dM[k]^T: the long dimension (tiles) inside, as conv2d_backward's dW
         if du_t is None:
-            du_t = xp.matmul(v, dm.transpose(0, 2, 1))
+            du_t = winograd.products(v, dm, transpose_b=True)
         else:
-            du_t += xp.matmul(v, dm.transpose(0, 2, 1))
-        dv = xp.matmul(ut, dm, out=v)                                   # V has served: reuse it
+            du_t += winograd.products(v, dm, transpose_b=True)
+        dv = winograd.products(u, dm, out=v, transpose_a=True)          # U^T dM; V has served: reuse it
         band_dx = winograd.input_transform_backward(dv, band.shape, top, left, th, tw, tile=t)
         if dx is None:
             dx = band_dx
