@@ -10,7 +10,8 @@ into a Zarr array first (--converted, default INPUT's name + .zarr beside OUTPUT
 Zarr array chunked (1, chunk, chunk): for a one-class U-Net float32 membrane probabilities
 (--mask adds a uint8 mask: 1 membrane, 0 cell); for a U-Net of K classes or a SegNet uint8
 class labels. FCN checkpoints are refused (predict_membranes.py predicts them slice by slice).
-Run it again after an interruption: the blocks already written are skipped. Needs the extra: pip install -e ".[scale]". The library side is tinyunet/volume.py.
+Run it again after an interruption: the blocks already written are skipped. Needs the extra:
+pip install -e ".[scale]". The library side is tinyunet/volume.py.
 """
 import argparse
 import sys

@@ -166,16 +166,23 @@ def test_fcn_is_refused_in_one_line(tmp_path, stack, kind, classes, capsys):
     assert not out.exists()
 
 
-@pytest.fixture(scope="module")
-def three_classes():
-    """A 3-class U-Net whose labels vary: biases drawn around +0.05 keep its ReLUs alive (with
-    zero biases most pixels' last features are 0 and every logit ties at the head's bias)."""
-    model = UNet(base_width=4, depth=2, dropout=0.0, classes=3, seed=3).eval()
-    rng = np.random.default_rng(3)
+def with_live_relus(model, seed: int, positive: bool = False):
+    """model with every bias drawn around +0.05, which keeps its ReLUs alive (with zero biases
+    most pixels' last features are 0 and every logit ties at the head's bias); ``positive``:
+    every weight made positive too."""
+    rng = np.random.default_rng(seed)
     for layer in model.layers.values():
+        if positive and "weight" in layer.params:
+            layer.params["weight"][:] = np.abs(layer.params["weight"])
         if "bias" in layer.params:
             layer.params["bias"][:] = rng.normal(0.05, 0.05, layer.params["bias"].shape)
     return model
+
+
+@pytest.fixture(scope="module")
+def three_classes():
+    """A 3-class U-Net whose labels vary (with_live_relus)."""
+    return with_live_relus(UNet(base_width=4, depth=2, dropout=0.0, classes=3, seed=3).eval(), seed=3)
 
 
 def test_a_k_class_unet_writes_the_labels_of_the_whole_slice_prediction(tmp_path, three_classes, stack):
@@ -254,14 +261,8 @@ def segnet(seed: int, positive: bool = False, dtype="float32"):
     (as three_classes); ``positive``: every weight made positive, so that a larger input pixel
     raises every value it reaches (a change then travels as far as the max-pools let it)."""
     from tinyunet.segnet import SegNet
-    model = SegNet(classes=3, in_channels=1, base_width=2, dtype=dtype, seed=seed).eval()
-    rng = np.random.default_rng(seed)
-    for layer in model.layers.values():
-        if positive and "weight" in layer.params:
-            layer.params["weight"][:] = np.abs(layer.params["weight"])
-        if "bias" in layer.params:
-            layer.params["bias"][:] = rng.normal(0.05, 0.05, layer.params["bias"].shape)
-    return model
+    return with_live_relus(SegNet(classes=3, in_channels=1, base_width=2, dtype=dtype, seed=seed).eval(), seed,
+                           positive)
 
 
 @pytest.mark.parametrize("positive", [False, True])

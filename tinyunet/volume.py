@@ -143,15 +143,18 @@ def segnet_receptive_field() -> tuple[int, int]:
 
 
 def grid_for(config) -> int:
-    """The pooling grid every block must start on: 2**depth (U-Net), 32 (SegNet's five pools)."""
-    return 2 ** config.depth if hasattr(config, "depth") else 2 ** 5
+    """The pooling grid every block must start on: 2**depth (U-Net), 32 (SegNet's five pools):
+    the multiple overlap-tile prediction cuts its tiles on (tinyunet/infer.py)."""
+    from tinyunet.infer import _multiple
+    return _multiple(config)
 
 
 def halo_for(config) -> int:
     """The smallest halo that makes block-wise prediction exact: max(left, right) rounded up to
     the pooling grid. 128 for the exact U-Net (with one class or K), 224 for SegNet."""
+    from tinyunet.unet import UNetConfig
     grid = grid_for(config)
-    if hasattr(config, "depth"):
+    if isinstance(config, UNetConfig):
         field = receptive_field(config.depth, head_conv=config.classes == 1)
     else:
         field = segnet_receptive_field()
