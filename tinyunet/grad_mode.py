@@ -97,7 +97,8 @@ def _leave_inference_malloc():
 
 def keep_freed_memory():
     """Called by every network's backward: from the first one on, the process keeps what a step
-    frees (the trim threshold above). Once per process; cheap after that."""
+    frees (the trim threshold above). Once per process; cheap after that. Test:
+    tests/test_inference_mode.py::test_the_first_backward_keeps_freed_memory_and_no_grad_gives_it_back."""
     if _malloc["training"]:
         return
     with _malloc["lock"]:
