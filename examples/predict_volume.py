@@ -8,8 +8,8 @@
 INPUT is a Zarr array (Z, Y, X), or a TIFF stack or a folder of images, converted page by page
 into a Zarr array first (--converted, default INPUT's name + .zarr beside OUTPUT). OUTPUT is a
 Zarr array chunked (1, chunk, chunk): for a one-class U-Net float32 membrane probabilities
-(--mask adds a uint8 mask: 1 membrane, 0 cell); for a U-Net of K classes or a SegNet uint8
-class labels. FCN checkpoints are refused (predict_membranes.py predicts them slice by slice).
+(--mask adds a uint8 mask: 1 membrane, 0 cell); for a U-Net of K classes, an FCN or a SegNet
+uint8 class labels.
 Run it again after an interruption: the blocks already written are skipped. Needs the extra:
 pip install -e ".[scale]". The library side is tinyunet/volume.py.
 """
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threshold", type=float, default=None, help="one class: the membrane probability "
                         "threshold for --mask (default 0.5)")
     parser.add_argument("--chunk", type=int, default=512, help="block side in pixels, a multiple of the "
-                        "pooling grid (16 for the exact U-Net, 32 for SegNet) and >= halo")
+                        "pooling grid (16 for the exact U-Net, 32 for SegNet and FCN) and >= halo")
     parser.add_argument("--halo", type=int, default=None, help="context per block side (default: the "
                         "receptive field rounded up to the grid, exact: 128 for the exact U-Net, 224 for SegNet)")
     parser.add_argument("--address", default=None, help="a dask.distributed scheduler; default: this machine")

@@ -1,6 +1,7 @@
 """Block-wise prediction of volumes (tinyunet/volume.py) against whole-slice prediction."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import numpy as np
@@ -147,25 +148,6 @@ def test_bad_options_are_refused_before_anything_is_written(tmp_path, tiny, stac
         volumes.predict_volume(tiny, stack, str(out), chunk=CHUNK, progress=False)
 
 
-@pytest.mark.parametrize("kind, classes", [("fcn8s", 2), ("fcn32s", 3)])
-def test_fcn_is_refused_in_one_line(tmp_path, stack, kind, classes, capsys):
-    """The halos are derived for the U-Net and SegNet: FCN is sent to predict_membranes.py
-    before anything is written."""
-    from tinyunet.models import build_model
-    from scripts import load_example
-    model = build_model(kind, classes=classes, base_width=4)
-    checkpoint = save_checkpoint(tmp_path / "model.npz", model)
-    out = tmp_path / "p.zarr"
-    for given in (model, str(checkpoint)):
-        with pytest.raises(volumes.VolumeError, match=f"this is a {kind} with {classes} classes: predict its "
-                                                      "slices with examples/predict_membranes.py"):
-            volumes.predict_volume(given, stack, str(out), chunk=CHUNK, progress=False)
-    assert load_example("predict_volume").main([str(checkpoint), str(tmp_path / "in.tif"), str(out)]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "supports the U-Net and SegNet" in err
-    assert not out.exists()
-
-
 def with_live_relus(model, seed: int, positive: bool = False):
     """model with every bias drawn around +0.05, which keeps its ReLUs alive (with zero biases
     most pixels' last features are 0 and every logit ties at the head's bias); ``positive``:
@@ -274,16 +256,27 @@ def test_segnet_reads_no_further_than_its_receptive_field(positive):
     assert (left, right) == (211, 211)
     model = segnet(seed=1, positive=positive, dtype="float64")
     assert volumes.halo_for(model.config) == 224 and volumes.grid_for(model.config) == 32
-    base = np.random.default_rng(0).random((1, 1, 32, 704)) + 0.5
-    reference = model.forward(base)
-    reach = 0
-    for c in range(336, 368):
-        changed = base.copy()
-        changed[0, 0, :, c] += 1.0
-        moved = np.flatnonzero(np.abs(model.forward(changed) - reference)[0].max(axis=(0, 1)) > 0)
-        assert c - right <= moved.min() and moved.max() <= c + left, (c, moved.min(), moved.max())
-        reach = max(reach, moved.max() - c, c - moved.min())
-    assert reach > 128                        # it does reach past the U-Net's halo: 128 would not do
+    left_reached, right_reached = reach_of_one_pixel(model, np.random.default_rng(0).random((1, 1, 32, 704)) + 0.5,
+                                                     range(336, 368), (left, right))
+    assert max(left_reached, right_reached) > 128   # it does reach past the U-Net's halo: 128 would not do
+
+
+def reach_of_one_pixel(model, base, columns, bound):
+    """(left, right): how far a change at each input column c moves the logits, asserting that
+    it stays within bound = (left, right). im2col convs: Winograd's tiles also pass rounding
+    (1e-16) from pixels of their patch outside a 3x3 window, which is not reading them."""
+    from tinyunet.layers import conv
+    left, right = bound
+    reached_left = reached_right = 0
+    with conv.using_method("im2col"):
+        reference = model.forward(base)
+        for c in columns:
+            changed = base.copy()
+            changed[0, 0, :, c] += 1.0
+            moved = np.flatnonzero(np.abs(model.forward(changed) - reference)[0].max(axis=(0, 1)) > 0)
+            assert c - right <= moved.min() and moved.max() <= c + left, (c, moved.min(), moved.max())
+            reached_left, reached_right = max(reached_left, moved.max() - c), max(reached_right, c - moved.min())
+    return reached_left, reached_right
 
 
 @pytest.fixture(scope="module")
@@ -316,3 +309,53 @@ def test_a_segnet_of_colour_images_is_refused(tmp_path, stack):
         volumes.predict_volume(SegNet(classes=3, in_channels=3, base_width=2), stack, str(tmp_path / "l.zarr"),
                                chunk=224, progress=False)
     assert not (tmp_path / "l.zarr").exists()
+
+
+# -- FCN: a halo of 256 pixels, its receptive field walked through its own wiring -----------------
+
+def fcn(variant: str, seed: int, dtype="float32"):
+    """An FCN of width 2 (fc 8) for grey slices and 3 classes, score layers drawn (the
+    reference's are zero: every logit would be its bias) and ReLUs kept alive."""
+    from tinyunet.fcn import FCN
+    return with_live_relus(FCN(variant=variant, classes=3, in_channels=1, base_width=2, fc_width=8, dropout=0.0,
+                               score_init="he_normal", dtype=dtype, seed=seed).eval(), seed)
+
+
+@pytest.mark.parametrize("variant, field", [("32s", 233), ("16s", 241), ("8s", 245)])
+def test_fcn_reads_exactly_its_receptive_field(variant, field):
+    """A change at input pixel c moves the logits within [c - field, c + field] and, at some of
+    the 32 pool phases, as far as that: the walk's bound is the reach (fc6's 7x7 at stride 32
+    and the bilinear upsamplers' tails); conv1_1's padding does not move it."""
+    model = fcn(variant, seed=1, dtype="float64")
+    assert volumes.fcn_receptive_field(model.config) == (field, field)
+    assert volumes.fcn_receptive_field(dataclasses.replace(model.config, input_pad=81)) == (field, field)
+    assert volumes.halo_for(model.config) == 256 and volumes.grid_for(model.config) == 32
+    reached = reach_of_one_pixel(model, np.random.default_rng(0).random((1, 1, 64, 832)) + 0.5, range(400, 432),
+                                 (field, field))
+    assert reached == (field, field)
+
+
+def test_fcn_blocks_equal_the_whole_slice_labels_and_a_smaller_halo_does_not(tmp_path, capsys):
+    """An FCN-8s checkpoint through the command line: 2 x 2 blocks of 256 pixels, labels equal
+    to the whole slice's argmax (margin 256); with a 128-pixel halo (SegNet's 224 would do
+    no better than 245 needs) seams appear."""
+    from scripts import load_example
+    model = fcn("8s", seed=7)
+    image = synthetic_membranes(1, size=576, seed=6).images[0]
+    stack = np.round(image[None, :544, 8:568] * 255).astype(np.uint8)      # blocks of 256 and 288
+    save_checkpoint(tmp_path / "fcn8s.npz", model)
+    zarr.create_array(store=str(tmp_path / "in.zarr"), shape=stack.shape, chunks=(1, 64, 64), dtype=np.uint8)[:] = stack
+    arguments = [str(tmp_path / "fcn8s.npz"), str(tmp_path / "in.zarr"), str(tmp_path / "labels.zarr"),
+                 "--chunk", "256", "--no-progress"]
+    assert load_example("predict_volume").main(arguments) == 0
+    assert "labels of 3 classes: 4 blocks predicted, 0 already there (halo 256 pixels)" in capsys.readouterr().out
+    labels = zarr.open_array(str(tmp_path / "labels.zarr"), mode="r")[:]
+    probability = predict_probability(model, stack[0].astype(np.float32) / 255, margin=256)     # (K, Y, X)
+    top_two = np.sort(probability, axis=0)[-2:]
+    clear = top_two[1] - top_two[0] > 1e-5
+    assert labels.dtype == np.uint8 and clear.mean() > 0.98
+    np.testing.assert_array_equal(labels[0][clear], probability.argmax(axis=0)[clear])
+    assert np.sort(np.bincount(labels.ravel(), minlength=3))[-2] > 1000     # not one class everywhere
+    volumes.predict_volume(model, stack, str(tmp_path / "s.zarr"), chunk=256, halo=128, progress=False)
+    seams = zarr.open_array(str(tmp_path / "s.zarr"), mode="r")[0] != probability.argmax(axis=0)
+    assert (seams & clear).sum() > 100

@@ -6,8 +6,8 @@
 A volume is (Z, Y, X): Z slices of Y x X pixels, integers scaled by their dtype's maximum
 (uint8 / 255, uint16 / 65535) or floats in [0, 1]. The output is a Zarr array of the same
 shape, chunked (1, chunk, chunk): for a one-class U-Net float32 membrane probabilities (and
-optionally a uint8 mask: 1 membrane, 0 cell); for a U-Net of K >= 2 classes or a SegNet
-uint8 class labels, the argmax over the K logits at each pixel (what predict_labels gives a
+optionally a uint8 mask: 1 membrane, 0 cell); for a U-Net of K >= 2 classes, an FCN or a
+SegNet uint8 class labels, the argmax over the K logits at each pixel (what predict_labels gives a
 slice). The only module of tinyunet that imports dask and zarr (the optional extra
 ``pip install -e ".[scale]"``).
 
@@ -44,9 +44,17 @@ below, placed where the encoder's pool found that window's maximum, so it reads 
 interval [lo // 2, hi // 2] AND the encoder block's own output over the windows' fine pixels
 [2 (lo // 2), 2 (hi // 2) + 1] (the indices); at the bottom the coarse values are pool5's.
 Over the 32 phases of the five pools: 211 pixels each side, H = 224. Batch norm in evaluation
-mode is a per-channel affine map: it reads one pixel. FCN is not done block-wise: its fc6
-(7x7 at stride 32) reaches some 400 pixels, and its 100-pixel input padding and crops would
-need their own walk.
+mode is a per-channel affine map: it reads one pixel.
+
+FCN, by running its own wiring (FCN._graph, as its crop offsets are derived) on intervals
+instead of arrays (``fcn_receptive_field``): a blob is (a, lo, hi), its position u reading
+input pixels [a u + lo, a u + hi]. A conv or pool (kernel k, stride s, padding p) makes it
+(a s, lo - a p, hi + a (k - 1 - p)); a transposed conv (k, s, cropping p), whose output v
+comes from inputs ceil((v + p - k + 1) / s) .. floor((v + p) / s), makes it (a / s,
+lo + a (p - k + 1) / s, hi + a p / s), dropping the rounding, so the bound can only be wider;
+a crop by o shifts both ends by a o; a sum fusion takes the union. conv1_1's padding cancels
+against the final crop: 233 / 241 / 245 pixels each side for FCN-32s / 16s / 8s (fc6's 7x7
+at stride 32 alone spans 192 of them), H = 256.
 
 (``predict_probability``'s default margin of 32 pixels is less than 123: its own pixels near an
 image border see zero padding past the mirrored margin, so it matches this module only when
@@ -61,8 +69,8 @@ threaded scheduler by default, on a dask.distributed cluster when given its addr
 the model travels as its checkpoint path, loaded once per worker process).
 Proofs: tests/test_volume.py (equality with predict_probability for sizes not a multiple of
 the chunk; a halo too small gives seams; an interrupted run resumes to the same result; a
-LocalCluster of 2 workers; K-class U-Net and SegNet labels against the whole slice's argmax;
-SegNet's reach checked against segnet_receptive_field).
+LocalCluster of 2 workers; K-class U-Net, SegNet and FCN labels against the whole slice's
+argmax; SegNet's and FCN's reach checked against their receptive fields).
 """
 from __future__ import annotations
 
@@ -142,6 +150,40 @@ def segnet_receptive_field() -> tuple[int, int]:
     return left, right
 
 
+def fcn_receptive_field(config) -> tuple[int, int]:
+    """(left, right) of an FCN's logit at p (the walk is in the module docstring). The widths
+    do not move it, so the walk runs on a width-1 copy of the network (nothing large is
+    allocated); tests/test_volume.py checks it against the network."""
+    import dataclasses
+
+    from tinyunet.fcn import FCN
+    from tinyunet.layers import Add, CeilMaxPool2d, Conv2d, ConvTranspose2d, Crop2d
+    model = FCN(dataclasses.replace(config, base_width=1, fc_width=1))
+
+    def interval_run(name, *inputs):
+        layer = model.layers[name]
+        if isinstance(layer, Add):                               # sum fusion: the union
+            (a, lo, hi), (_, lo2, hi2) = inputs[0]
+            return a, min(lo, lo2), max(hi, hi2)
+        a, lo, hi = inputs[0]
+        if isinstance(layer, Conv2d):
+            k, s, p = layer.kernel_size[0], layer.stride[0], layer.padding
+            return a * s, lo - a * p, hi + a * (k - 1 - p)
+        if isinstance(layer, CeilMaxPool2d):
+            k, s = layer.kernel_size, layer.stride
+            return a * s, lo, hi + a * (k - 1)
+        if isinstance(layer, ConvTranspose2d):
+            k, s, p = layer.kernel_size[0], layer.stride[0], layer.cropping[0][0]
+            return a / s, lo + a * (p - k + 1) / s, hi + a * p / s
+        if isinstance(layer, Crop2d):
+            return a, lo + a * layer.offset[0], hi + a * layer.offset[0]
+        return a, lo, hi                                         # ReLU, Dropout: one pixel
+
+    scale, lo, hi = model._graph((1.0, 0.0, 0.0), interval_run)
+    assert scale == 1.0
+    return int(np.ceil(-lo)), int(np.ceil(hi))
+
+
 def grid_for(config) -> int:
     """The pooling grid every block must start on: 2**depth (U-Net), 32 (SegNet's five pools):
     the multiple overlap-tile prediction cuts its tiles on (tinyunet/infer.py)."""
@@ -151,11 +193,14 @@ def grid_for(config) -> int:
 
 def halo_for(config) -> int:
     """The smallest halo that makes block-wise prediction exact: max(left, right) rounded up to
-    the pooling grid. 128 for the exact U-Net (with one class or K), 224 for SegNet."""
+    the pooling grid. 128 for the exact U-Net (with one class or K), 224 for SegNet, 256 for FCN."""
+    from tinyunet.fcn import FCNConfig
     from tinyunet.unet import UNetConfig
     grid = grid_for(config)
     if isinstance(config, UNetConfig):
         field = receptive_field(config.depth, head_conv=config.classes == 1)
+    elif isinstance(config, FCNConfig):
+        field = fcn_receptive_field(config)
     else:
         field = segnet_receptive_field()
     return -(-max(field) // grid) * grid
@@ -349,9 +394,8 @@ def predict_volume(model, source, output: str, *, chunk: int = 512, halo: int | 
     """Predict every block of ``source`` that ``output`` does not hold yet; returns the counts
     (blocks, predicted, skipped), the halo and the model's classes.
 
-    model     a UNet (one class: probabilities; K classes: labels) or a SegNet (labels), or the
-              path of its checkpoint (needed with ``address``); FCN is refused in one line
-              (examples/predict_membranes.py predicts it slice by slice)
+    model     a UNet (one class: probabilities; K classes: labels), an FCN or a SegNet (labels),
+              or the path of its checkpoint (needed with ``address``)
     source    (Z, Y, X) array, Zarr array path, TIFF stack or image folder (see open_volume)
     output    the Zarr array to write or complete: float32 probabilities (one class) or uint8
               labels (K classes)
@@ -373,11 +417,6 @@ def predict_volume(model, source, output: str, *, chunk: int = 512, halo: int | 
         if address is not None:
             raise VolumeError("with a dask.distributed address give the checkpoint path, not a model object: "
                               "every worker loads it once")
-    if kind not in ("unet", "segnet"):
-        # the halo below is derived from the U-Net's and SegNet's layer tables
-        raise VolumeError(f"block-wise prediction supports the U-Net and SegNet (their halos are derived from "
-                          f"their receptive fields); this is a {kind} with {config.classes} classes: predict its "
-                          f"slices with examples/predict_membranes.py (overlap-tile, every model and class count)")
     if config.in_channels != 1:
         raise VolumeError(f"a volume is grey slices, one channel each; this {kind} takes {config.in_channels} "
                           f"input channels: use a model built with in_channels=1")
