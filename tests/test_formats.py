@@ -179,6 +179,28 @@ def test_safetensors_round_trip(tmp_path):
     assert load_model(tmp_path / "f64.safetensors", random_model(seed=9)).dtype == np.float32
 
 
+@pytest.mark.parametrize("network", ["fcn8s", "segnet"])
+def test_safetensors_round_trip_of_fcn_and_segnet(tmp_path, network, capsys):
+    """A checkpoint of FCN or SegNet through export_model.py to safetensors and back with
+    load_model: the same kind and config, parameters and batch-norm statistics (which SegNet's
+    evaluation forward uses), so the same logits; a U-Net built by hand cannot take it."""
+    pytest.importorskip("safetensors")
+    from tinyunet.formats.safetensors_io import SafetensorsFileError, load_safetensors
+    model = random_fcn_or_segnet(network, seed=3).eval()
+    checkpoint = save_checkpoint(tmp_path / "checkpoint.npz", model)
+    assert load_example("export_model").main([str(checkpoint), str(tmp_path / "model.safetensors")]) == 0
+    assert f"(safetensors, {model.num_parameters():,} parameters)" in capsys.readouterr().out
+    loaded = load_model(tmp_path / "model.safetensors").eval()
+    assert type(loaded) is type(model) and loaded.config == model.config
+    for name, value in {**model.parameters(), **model.buffers()}.items():
+        np.testing.assert_array_equal({**loaded.parameters(), **loaded.buffers()}[name], value, err_msg=name)
+    assert (network == "segnet") == bool(model.buffers())
+    x = np.random.default_rng(0).random((1, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.forward(x), model.forward(x))
+    with pytest.raises(SafetensorsFileError, match="mismatches"):
+        load_safetensors(tmp_path / "model.safetensors", random_model())
+
+
 def test_safetensors_bad_files(tmp_path):
     safetensors = pytest.importorskip("safetensors")
     import safetensors.numpy

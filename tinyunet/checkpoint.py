@@ -56,8 +56,8 @@ from tinyunet import segnet as segnet_module
 from tinyunet.backend import to_numpy
 from tinyunet.fcn import FCNConfig
 from tinyunet.files import atomic_write
-from tinyunet.models import MODELS, config_from_dict, model_kind
-from tinyunet.segnet import SegNet, SegNetConfig
+from tinyunet.models import MODELS, config_from_dict, model_from_config, model_kind
+from tinyunet.segnet import SegNetConfig
 from tinyunet.unet import UNet, UNetConfig
 
 FORMAT = "tinyunet-checkpoint"
@@ -505,7 +505,7 @@ def load_checkpoint(path, model=None, optimizer=None, *, rngs: dict | None = Non
                 f"(load_checkpoint(path) with no model does)")
     _check_arrays_finite(path, arrays)
     if model is None:
-        model = {UNetConfig: UNet, FCNConfig: fcn_module.FCN, SegNetConfig: SegNet}[type(config)](config)
+        model = model_from_config(config)
     params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
     buffers = {k[len("buffer/"):]: v for k, v in arrays.items() if k.startswith("buffer/")}
     problems = _mismatches(model.parameters(), params, "")

@@ -106,8 +106,12 @@ def build_model(kind: str, *, classes: int, in_channels: int = 1, base_width: in
     if unknown:
         raise ValueError(f"build_model: {kind} has no option {', '.join(unknown)}; its options: "
                          f"{', '.join(sorted(known - {'classes', 'in_channels', 'seed', 'dtype', 'variant'}))}")
-    config = cls(**values)
-    return {UNetConfig: UNet, FCNConfig: FCN, SegNetConfig: SegNet}[cls](config)
+    return model_from_config(cls(**values))
+
+
+def model_from_config(config):
+    """A fresh model built from its config (a UNetConfig, FCNConfig or SegNetConfig)."""
+    return {UNetConfig: UNet, FCNConfig: FCN, SegNetConfig: SegNet}[type(config)](config)
 
 
 def model_kind(model) -> str:

@@ -47,9 +47,10 @@ def detect_format(path) -> str:
 
 
 def load_model(path, model=None):
-    """A U-Net with the weights in ``path``, whatever it is: a tinyunet checkpoint (.npz), a Keras
-    HDF5 model or weights file (.hdf5, .h5, .weights.h5, .keras) or safetensors. The model is
-    built from the file (its saved config, or the Keras shapes) unless ``model`` is given."""
+    """The model with the weights in ``path``, whatever it is: a tinyunet checkpoint (.npz) or
+    safetensors file (any model: U-Net, FCN, SegNet), or a Keras HDF5 model or weights file
+    (.hdf5, .h5, .weights.h5, .keras: a U-Net). The model is built from the file (its saved kind
+    and config, or the Keras shapes) unless ``model`` is given."""
     kind = detect_format(path)
     if kind == "checkpoint":
         from tinyunet.checkpoint import load_checkpoint

@@ -1,14 +1,16 @@
 """safetensors, both ways: the only module that imports safetensors (lazily).
 
-    save_safetensors("unet.safetensors", model)
-    model = load_safetensors("unet.safetensors")          # built from the saved config
+    save_safetensors("unet.safetensors", model)           # any model: U-Net, FCN, SegNet
+    model = load_safetensors("unet.safetensors")          # built from the saved kind and config
     load_safetensors("unet.safetensors", model)           # into an existing model
 
 safetensors is a named-tensor format without pickle (a JSON header, then the raw bytes) that
-PyTorch, JAX and the Hugging Face tools read. The file holds one tensor per tinyunet parameter,
-under its dotted name and in tinyunet's layout ('down1.conv1.weight': (F, C, kh, kw), the
-layout of PyTorch's Conv2d too), and in its metadata the model's config as JSON
-(``tinyunet.config``), so that ``load_safetensors`` can build the model. A file from elsewhere,
+PyTorch, JAX and the Hugging Face tools read. The file holds one tensor per tinyunet parameter
+and buffer (SegNet's batch-norm running statistics, which its evaluation forward uses), under
+its dotted name and in tinyunet's layout ('down1.conv1.weight': (F, C, kh, kw), the layout of
+PyTorch's Conv2d too), and in its metadata the model's kind and config as JSON
+(``tinyunet.kind``, absent in files of U-Nets written before other models existed, and
+``tinyunet.config``), so that ``load_safetensors`` can build the model. A file from elsewhere,
 without that metadata, loads into a model you build yourself (pass ``model``).
 
 Everything is checked before a weight is copied: every name present with its shape, floating
@@ -16,15 +18,17 @@ point (float16/32/64, cast to the model's dtype), nothing extra. Writes are atom
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from tinyunet.backend import to_numpy
 from tinyunet.formats.common import FormatError, require, write_atomically
-from tinyunet.unet import UNet, UNetConfig
+from tinyunet.models import config_from_dict, model_from_config, model_kind
 
 CONFIG_KEY = "tinyunet.config"
+KIND_KEY = "tinyunet.kind"
 FORMAT_KEY = "format"
 
 
@@ -38,12 +42,13 @@ def _safetensors():
     return safetensors
 
 
-def save_safetensors(path, model: UNet) -> Path:
-    """Write every parameter of ``model`` and its config to ``path`` (atomically)."""
+def save_safetensors(path, model) -> Path:
+    """Write every parameter and buffer of ``model``, its kind and its config to ``path`` (atomically)."""
     safetensors = _safetensors()
-    tensors = {name: np.ascontiguousarray(to_numpy(value)) for name, value in model.parameters().items()}
+    tensors = {name: np.ascontiguousarray(to_numpy(value)) for name, value in _state(model).items()}
     # format 'pt': the tensors are in PyTorch's layout (Conv2d weight (F, C, kh, kw)), as tinyunet's
-    data = safetensors.numpy.save(tensors, metadata={FORMAT_KEY: "pt", CONFIG_KEY: model.config.to_json()})
+    data = safetensors.numpy.save(tensors, metadata={FORMAT_KEY: "pt", KIND_KEY: model_kind(model),
+                                                     CONFIG_KEY: model.config.to_json()})
     return write_atomically(path, data, "save_safetensors")
 
 
@@ -69,20 +74,27 @@ def read_safetensors(path) -> tuple[dict, dict]:
     return metadata, tensors
 
 
-def load_safetensors(path, model: UNet | None = None) -> UNet:
-    """A U-Net with the weights of ``path`` (built from the file's config when ``model`` is None).
-    Every name and shape is checked first; a mismatch lists them all and changes nothing."""
+def _state(model) -> dict:
+    """{dotted name: array}: the parameters and the buffers (names never collide: a layer's
+    parameters are weight and bias, its buffers running_mean and running_var)."""
+    return {**model.parameters(), **model.buffers()}
+
+
+def load_safetensors(path, model=None):
+    """The model of ``path`` with its weights (built from the file's kind and config when
+    ``model`` is None). Every name and shape is checked first; a mismatch lists them all and
+    changes nothing."""
     metadata, tensors = read_safetensors(path)
     if model is None:
         if CONFIG_KEY not in metadata:
             raise SafetensorsFileError(f"{str(path)!r} has no {CONFIG_KEY!r} metadata (not written by tinyunet): build "
                                        f"the model yourself and pass it, load_safetensors(path, UNet(...))")
         try:
-            config = UNetConfig.from_json(metadata[CONFIG_KEY])
+            config = config_from_dict(metadata.get(KIND_KEY, "unet"), json.loads(metadata[CONFIG_KEY]))
         except (TypeError, ValueError) as error:
             raise SafetensorsFileError(f"{str(path)!r}: the saved config cannot be read ({error})") from None
-        model = UNet(config)
-    own = model.parameters()
+        model = model_from_config(config)
+    own = _state(model)
     problems = [f"  {name}: expected {tuple(a.shape)}, found nothing" for name, a in own.items() if name not in tensors]
     problems += [f"  {name}: expected nothing, found {tuple(a.shape)}"
                  for name, a in tensors.items() if name not in own]
