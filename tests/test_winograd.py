@@ -177,6 +177,46 @@ def test_the_winograd_method_on_the_reference_transforms(workspace, tile, monkey
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
 
 
+@TILES
+def test_a_training_forward_keeps_v_and_u_for_the_backward_up_to_a_size(tile, monkeypatch):
+    """What the forward keeps (conv._winograd_kept): V and U, each up to WINOGRAD_KEEP_BYTES,
+    V only when the conv is one piece; nothing inside no_grad(); used up by the backward.
+    Kept or computed again, the backward gives the same bits, and kept_bytes counts them."""
+    from tinyunet import no_grad
+    monkeypatch.setattr(conv, "WINOGRAD_TILE", tile)
+    rng = np.random.default_rng(5)
+    layer = Conv2d(16, 24, 3, seed=1, dtype=np.float64)
+    x, dy = rng.standard_normal((2, 16, 12, 10)), rng.standard_normal((2, 24, 12, 10))
+
+    def step():
+        y = layer.forward(x)
+        kept = dict(layer._winograd)
+        kept_bytes = layer.kept_bytes(x.shape)
+        dx = layer.backward(dy)
+        assert layer._winograd is None                       # used up: V became dV
+        return kept, kept_bytes, (y, dx, layer.grads["weight"].copy(), layer.grads["bias"].copy())
+
+    with conv.using_method("winograd"):
+        kept, kept_bytes, results = step()
+        assert set(kept) == {"v", "u"} and kept_bytes == x.nbytes + kept["v"].nbytes + kept["u"].nbytes
+        assert kept["u"].shape == ((tile + 2) ** 2, 24, 16)
+        smaller = min(kept["v"].nbytes, kept["u"].nbytes)
+        monkeypatch.setattr(conv, "WORKSPACE_BYTES", 1)        # bands: each its own V, computed again
+        kept, kept_bytes, in_bands = step()
+        assert set(kept) == {"u"} and kept_bytes == x.nbytes + kept["u"].nbytes
+        monkeypatch.setattr(conv, "WORKSPACE_BYTES", 64 * 2 ** 20)
+        monkeypatch.setattr(conv, "WINOGRAD_KEEP_BYTES", smaller - 1)
+        kept, kept_bytes, recomputed = step()
+        assert kept == {} and kept_bytes == x.nbytes
+        with no_grad():
+            layer.forward(x)
+        assert layer._winograd is None
+    for a, b in zip(recomputed, results):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(in_bands, results):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_the_tile_follows_the_image_size():
     """F(4x4, 3x3) from WINOGRAD_TILE4_MIN_PIXELS output pixels (the U-Net's levels from 32x32),
     F(2x2, 3x3) below, where its 36 transformed weight copies would cost more than they save."""

@@ -441,11 +441,12 @@ def step_memory_bytes(model, batch: int, crop: int) -> int:
     """What one training step needs, as UNet.summary estimates it: parameters, gradients and
     Adam's m and v, what the forward keeps for the backward, and the largest conv workspace.
     From shapes alone, for one image, the kept part scaled by ``batch`` (it grows linearly;
-    the workspace is capped): nothing is allocated, and a huge batch costs no more to check.
+    the workspace is capped), the convs' for the whole batch (Conv2d.kept_bytes: Winograd's V
+    and U are kept up to a size): nothing is allocated, and a huge batch costs no more to check.
     For FCN and SegNet (transposed convs, unpooling, batch norm) the layers without their own
     estimate count as keeping one output-sized array, an upper bound."""
     item = model.dtype.itemsize
-    kept = workspace = 0
+    kept = workspace = kept_by_convs = 0
     previous = (1, model.config.in_channels, crop, crop)
     for record in model.layer_shapes(previous):
         # U-Net's records are (name, layer, input shape, output shape); FCN's and SegNet's have no
@@ -453,7 +454,8 @@ def step_memory_bytes(model, batch: int, crop: int) -> int:
         layer, out = record[1], record[-1]
         in_shape, previous = (record[2] if len(record) == 4 else previous), out
         if isinstance(layer, Conv2d):
-            kept += layer.kept_bytes(in_shape)
+            # for the whole batch: whether Winograd's V and U are kept depends on their size
+            kept_by_convs += layer.kept_bytes((batch,) + tuple(in_shape[1:]))
             workspace = max(workspace, layer.workspace_bytes(in_shape))
         elif isinstance(layer, (ReLU, MaxPool2d)):
             kept += math.prod(out) * (8 if getattr(layer, "return_indices", False) else 1)   # mask, argmax, indices
@@ -461,7 +463,7 @@ def step_memory_bytes(model, batch: int, crop: int) -> int:
             kept += math.prod(out) * item
         elif layer.params or type(layer).__name__ in ("BatchNorm2d", "MaxUnpool2d"):
             kept += math.prod(out) * item
-    return 4 * model.num_parameters() * item + batch * kept + workspace
+    return 4 * model.num_parameters() * item + batch * kept + kept_by_convs + workspace
 
 
 def physical_memory_bytes() -> int | None:

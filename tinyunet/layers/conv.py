@@ -70,7 +70,7 @@ def resolve_padding(padding, kernel: tuple[int, int], stride: tuple[int, int], h
 
 class Conv2d(Layer):
     """y = conv(x, W) + b; see the module docstring for the derivation of the backward."""
-    _saved = ("_x",)
+    _saved = ("_x", "_winograd")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, padding="same", stride=1,
                  bias: bool = True, *, weight_init: str = "he_normal", rng=None, seed: int | None = None,
@@ -93,6 +93,7 @@ class Conv2d(Layer):
             self.params["bias"] = np.zeros(self.out_channels, dtype=dtype)
         self.zero_grad()
         self._x = None
+        self._winograd = None                # V and U kept by a Winograd forward (WINOGRAD_KEEP_BYTES)
         self._geometry = None
 
     def output_shape(self, x_shape):
@@ -108,11 +109,12 @@ class Conv2d(Layer):
         n, _, h, w = x.shape
         pad = resolve_padding(self.padding, self.kernel_size, self.stride, (h, w))
         # Y[n] = W2 @ cols[n] + b, or an equivalent formulation: see conv2d_forward below
-        y = conv2d_forward(x, self.params["weight"], self.params.get("bias"), pad, self.stride)
+        kept = {} if keep else None
+        y = conv2d_forward(x, self.params["weight"], self.params.get("bias"), pad, self.stride, kept)
         # Keep x, not cols: recomputing im2col in backward costs a copy, keeping cols for
         # every layer of a U-Net would cost gigabytes. Inside no_grad(): keep nothing.
         if keep:
-            self._x, self._geometry = x, pad
+            self._x, self._geometry, self._winograd = x, pad, kept
         return y
 
     def workspace_bytes(self, x_shape) -> int:
@@ -184,8 +186,14 @@ class Conv2d(Layer):
         return temporary, "cols", self.workspace_bytes(x_shape)
 
     def kept_bytes(self, x_shape) -> int:
-        """What forward keeps for backward: x."""
-        return int(np.prod(x_shape)) * np.dtype(self.dtype).itemsize
+        """What forward keeps for backward: x, and Winograd's V and U where they are at most
+        WINOGRAD_KEEP_BYTES (_winograd_kept: the rule the forward follows)."""
+        itemsize = np.dtype(self.dtype).itemsize
+        pad = resolve_padding(self.padding, self.kernel_size, self.stride, x_shape[2:])
+        extra = 0
+        if _resolve_method(self.params["weight"], pad, self.stride, x_shape) == "winograd":
+            extra = sum(_winograd_kept(x_shape, self.out_channels, pad, itemsize).values())
+        return int(np.prod(x_shape)) * itemsize + extra
 
     def backward(self, dy):
         """dy: (N, F, OH, OW) -> dx: (N, C, H, W); fills grads['weight'] and grads['bias']."""
@@ -193,7 +201,8 @@ class Conv2d(Layer):
         self._check_grad(dy, None if x is None else self.output_shape(x.shape), x.dtype if x is not None else None)
         # dW2 = sum_n dY[n] @ cols[n]^T, db, dx = col2im(W2^T @ dY): see conv2d_backward below
         dx, dw, db = conv2d_backward(x, self.params["weight"], "bias" in self.params, dy,
-                                     self._geometry, self.stride)
+                                     self._geometry, self.stride, self._winograd)
+        self._winograd = None                # its V has become dV: not for a second backward
         self.grads["weight"] = dw
         if db is not None:
             self.grads["bias"] = db
@@ -258,6 +267,12 @@ WINOGRAD_TILE4_MIN_PIXELS = 32 * 32 # F(4x4, 3x3) from this many output pixels, 
                                     # (peak RSS 1.45 GB both), 128x128 within the noise
                                     # (718/695/681/609/618/648 -> 693/650/610/624/605/666 ms)
 WINOGRAD_TILE = 0                   # 2 or 4 forces that tile everywhere (tests); 0: by size
+WINOGRAD_KEEP_BYTES = 8 * 2 ** 20   # a training forward keeps Winograd's V and U for the backward
+                                    # when each is at most this (and the conv is one piece): the
+                                    # backward then skips two memory-bound passes that redo them
+                                    # (on a SegNet step, width 16, 128x128, about 1/20 of its time);
+                                    # larger ones are recomputed, so the peak of a large image or
+                                    # a wide layer (the exact U-Net's) does not grow by them
 SMALL_IMAGE_PIXELS = 1024           # dW from one product over the whole batch up to 32x32
 _method = "auto"                    # set by use_method / using_method
 _workspace: dict = {}               # reused buffers, see _scratch
@@ -431,9 +446,10 @@ def _product(weight2d, x, kernel, padding, stride):
     return y
 
 
-def conv2d_forward(x, weight, bias, padding, stride):
+def conv2d_forward(x, weight, bias, padding, stride, kept: dict | None = None):
     """y = conv(x, weight) + bias by the current method. x: (N, C, H, W), weight: (F, C, kh, kw),
-    bias: (F,) or None, padding ((top, bottom), (left, right)), stride (sh, sw) -> (N, F, OH, OW)."""
+    bias: (F,) or None, padding ((top, bottom), (left, right)), stride (sh, sw) -> (N, F, OH, OW).
+    ``kept``: a dict that a Winograd forward fills with what its backward can reuse (V, U)."""
     f, c, kh, kw = weight.shape
     n = x.shape[0]
     _, _, _, (oh, ow) = kernels.normalize(x.shape, (kh, kw), padding, stride)
@@ -441,15 +457,16 @@ def conv2d_forward(x, weight, bias, padding, stride):
     if method == "shifted":
         return _forward_shifted(x, weight, bias, padding)
     if method == "winograd":
-        return _forward_winograd(x, weight, bias, padding)
+        return _forward_winograd(x, weight, bias, padding, kept)
     y = _product(weight.reshape(f, -1), x, (kh, kw), padding, stride)   # (N, F, OH*OW): W2 @ cols
     if bias is not None:
         y += bias[:, None]
     return y.reshape(n, f, oh, ow)
 
 
-def conv2d_backward(x, weight, has_bias: bool, dy, padding, stride):
-    """(dx, dW, db) for y = conv(x, weight) + bias, given dy = dL/dy; db is None without bias."""
+def conv2d_backward(x, weight, has_bias: bool, dy, padding, stride, kept: dict | None = None):
+    """(dx, dW, db) for y = conv(x, weight) + bias, given dy = dL/dy; db is None without bias.
+    ``kept``: what conv2d_forward kept for it (used up: V's memory becomes dV)."""
     xp = get_array_module(dy)
     f, c, kh, kw = weight.shape
     n = x.shape[0]
@@ -460,7 +477,7 @@ def conv2d_backward(x, weight, has_bias: bool, dy, padding, stride):
         dw = _weight_grad_shifted(x, weight.shape, dy, padding)
         return _input_grad_flip(weight, dy, padding).reshape(x.shape), dw, db
     if method == "winograd":
-        return (*_backward_winograd(x, weight, dy, padding), db)
+        return (*_backward_winograd(x, weight, dy, padding, kept or {}), db)
     if _is_pointwise((kh, kw), padding, stride):                        # cols = x itself
         x3 = x.reshape(n, c, -1)
         dw = _weight_grad(x3, dy3).reshape(weight.shape)
@@ -558,8 +575,28 @@ def _winograd_buffers(xp, c, f, tiles, dtype, t):
     return block[:k * c * tiles].reshape(k, c, tiles), block[k * c * tiles:].reshape(k, f, tiles)
 
 
-def _forward_winograd(x, weight, bias, padding):
-    """y by F(t x t, 3x3), piece by piece: V = input transform, M[k] = U[k] @ V[k], y = A^T M A."""
+def _winograd_kept(x_shape, f, padding, itemsize) -> dict:
+    """{'v': bytes, 'u': bytes} of what a training forward keeps for the backward: each of V
+    (a^2, C, T) and U (a^2, F, C) that is at most WINOGRAD_KEEP_BYTES, V only when the conv is
+    one piece (bands recompute theirs)."""
+    n, c = x_shape[:2]
+    t = _winograd_tile(x_shape, padding)
+    parts = _winograd_pieces(x_shape, f, padding, itemsize, t)
+    kept = {}
+    if len(parts) == 1:
+        (top, _), (left, right) = parts[0].padding
+        v_bytes = (t + 2) ** 2 * c * n * int(np.prod(winograd.tiles(parts[0].out_rows[1] - parts[0].out_rows[0],
+                                                                     x_shape[3] + left + right - 2, t))) * itemsize
+        if v_bytes <= WINOGRAD_KEEP_BYTES:
+            kept["v"] = v_bytes
+    if (t + 2) ** 2 * f * c * itemsize <= WINOGRAD_KEEP_BYTES:
+        kept["u"] = (t + 2) ** 2 * f * c * itemsize
+    return kept
+
+
+def _forward_winograd(x, weight, bias, padding, kept: dict | None = None):
+    """y by F(t x t, 3x3), piece by piece: V = input transform, M[k] = U[k] @ V[k], y = A^T M A.
+    ``kept`` (training): filled with V and U as _winograd_kept allows, for _backward_winograd."""
     xp = get_array_module(x)
     n, c = x.shape[:2]
     f = weight.shape[0]
@@ -567,13 +604,20 @@ def _forward_winograd(x, weight, bias, padding):
     u = winograd.weight_transform(weight, t)                            # (a^2, F, C)
     _, _, _, (oh, ow) = kernels.normalize(x.shape, (3, 3), padding, (1, 1))
     parts = _winograd_pieces(x.shape, f, padding, x.itemsize, t)
+    keep = {} if kept is None else _winograd_kept(x.shape, f, padding, x.itemsize)
+    if "u" in keep:
+        kept["u"] = u
     y = None if len(parts) == 1 else xp.empty((n, f, oh, ow), dtype=x.dtype)
     for piece in parts:
         band = _band(x, piece)
         top, left, rows, _, th, tw = _winograd_geometry(band.shape, piece, t)
         m_images = band.shape[0]
         v, m = _winograd_buffers(xp, c, f, m_images * th * tw, x.dtype, t)
-        v = winograd.input_transform(band, top, left, th, tw, out=v, tile=t)
+        if "v" in keep:                                                 # a fresh V, not the workspace's
+            v = xp.empty_like(v)
+        v = winograd.input_transform(band, top, left, th, tw, out=v, tile=t)   # (the reference: fresh)
+        if "v" in keep:
+            kept["v"] = v
         m = winograd.products(u, v, out=m)                              # M[k] = U[k] @ V[k]
         if y is None:
             return winograd.output_transform(m, n, oh, ow, bias, tile=t)
@@ -582,14 +626,15 @@ def _forward_winograd(x, weight, bias, padding):
     return y
 
 
-def _backward_winograd(x, weight, dy, padding):
-    """(dx, dW) by the transposed steps: dM = A dY A^T, dU = dM V^T, dV = U^T dM, dx = B dV B^T."""
+def _backward_winograd(x, weight, dy, padding, kept: dict):
+    """(dx, dW) by the transposed steps: dM = A dY A^T, dU = dM V^T, dV = U^T dM, dx = B dV B^T.
+    ``kept``: V and U from the forward where it kept them; the others are computed again."""
     xp = get_array_module(dy)
     c, f = x.shape[1], weight.shape[0]
-    # U again, not kept from the forward: one memory-bound product (ms), where keeping it for
-    # every layer until its backward would hold 16/9 (2x2 tiles) or 36/9 of the weights' bytes more
+    # U again unless kept: one memory-bound product (ms), where keeping it for every layer until
+    # its backward would hold 16/9 (2x2 tiles) or 36/9 of the weights' bytes more
     t = _winograd_tile(x.shape, padding)
-    u = winograd.weight_transform(weight, t)                            # (a^2, F, C)
+    u = kept["u"] if "u" in kept else winograd.weight_transform(weight, t)     # (a^2, F, C)
     parts = _winograd_pieces(x.shape, f, padding, x.itemsize, t)
     du_t = None                                                         # dU^T: (a^2, C, F)
     dx = None if len(parts) == 1 else xp.zeros(x.shape, dtype=x.dtype)
@@ -599,7 +644,10 @@ def _backward_winograd(x, weight, dy, padding):
         tile_count = band.shape[0] * th * tw
         r0, r1 = piece.out_rows
         v, dm = _winograd_buffers(xp, c, f, tile_count, x.dtype, t)
-        v = winograd.input_transform(band, top, left, th, tw, out=v, tile=t)
+        if "v" in kept:                                                 # one piece: the forward's V
+            v = kept["v"]
+        else:
+            v = winograd.input_transform(band, top, left, th, tw, out=v, tile=t)
         dm = winograd.output_transform_backward(dy[piece.image, :, r0:r1], out=dm, tile=t)
         # dU^T[k] = V[k] @ dM[k]^T: the long dimension (tiles) inside, as conv2d_backward's dW
         if du_t is None:
