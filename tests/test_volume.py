@@ -291,15 +291,25 @@ def test_segnet_blocks_equal_the_whole_slice_labels_and_a_smaller_halo_does_not(
     model = segnet(seed=3)
     result = volumes.predict_volume(model, wide_slice, str(tmp_path / "l.zarr"), chunk=224, progress=False)
     assert result == {"blocks": 4, "predicted": 4, "skipped": 0, "halo": 224, "classes": 3}
-    labels = zarr.open_array(str(tmp_path / "l.zarr"), mode="r")[:]
-    probability = predict_probability(model, wide_slice[0].astype(np.float32) / 255, margin=224)   # (K, Y, X)
+    blocks_equal_the_whole_slice_and_a_smaller_halo_does_not(model, wide_slice, tmp_path / "l.zarr", 224, 96)
+
+
+def blocks_equal_the_whole_slice_and_a_smaller_halo_does_not(model, stack, written, halo, smaller_halo):
+    """The labels at ``written`` (one slice, blocks with ``halo``) equal the argmax of the whole
+    slice's predict_probability(margin=halo) wherever its top two classes are more than 1e-5
+    apart (98% of the pixels at least), with two classes or more of over 1000 pixels each; the
+    same blocks with ``smaller_halo`` differ from it at more than 100 such pixels."""
+    labels = zarr.open_array(str(written), mode="r")[:]
+    probability = predict_probability(model, stack[0].astype(np.float32) / 255, margin=halo)     # (K, Y, X)
     top_two = np.sort(probability, axis=0)[-2:]
     clear = top_two[1] - top_two[0] > 1e-5
     assert labels.dtype == np.uint8 and clear.mean() > 0.98
     np.testing.assert_array_equal(labels[0][clear], probability.argmax(axis=0)[clear])
-    assert np.bincount(labels.ravel(), minlength=3)[:2].min() > 1000
-    volumes.predict_volume(model, wide_slice, str(tmp_path / "s.zarr"), chunk=224, halo=96, progress=False)
-    seams = zarr.open_array(str(tmp_path / "s.zarr"), mode="r")[0] != probability.argmax(axis=0)
+    assert np.sort(np.bincount(labels.ravel()))[-2] > 1000                 # not one class everywhere
+    chunk = zarr.open_array(str(written), mode="r").chunks[1]
+    seamed = written.parent / "seams.zarr"
+    volumes.predict_volume(model, stack, str(seamed), chunk=chunk, halo=smaller_halo, progress=False)
+    seams = zarr.open_array(str(seamed), mode="r")[0] != probability.argmax(axis=0)
     assert (seams & clear).sum() > 100
 
 
@@ -349,13 +359,4 @@ def test_fcn_blocks_equal_the_whole_slice_labels_and_a_smaller_halo_does_not(tmp
                  "--chunk", "256", "--no-progress"]
     assert load_example("predict_volume").main(arguments) == 0
     assert "labels of 3 classes: 4 blocks predicted, 0 already there (halo 256 pixels)" in capsys.readouterr().out
-    labels = zarr.open_array(str(tmp_path / "labels.zarr"), mode="r")[:]
-    probability = predict_probability(model, stack[0].astype(np.float32) / 255, margin=256)     # (K, Y, X)
-    top_two = np.sort(probability, axis=0)[-2:]
-    clear = top_two[1] - top_two[0] > 1e-5
-    assert labels.dtype == np.uint8 and clear.mean() > 0.98
-    np.testing.assert_array_equal(labels[0][clear], probability.argmax(axis=0)[clear])
-    assert np.sort(np.bincount(labels.ravel(), minlength=3))[-2] > 1000     # not one class everywhere
-    volumes.predict_volume(model, stack, str(tmp_path / "s.zarr"), chunk=256, halo=128, progress=False)
-    seams = zarr.open_array(str(tmp_path / "s.zarr"), mode="r")[0] != probability.argmax(axis=0)
-    assert (seams & clear).sum() > 100
+    blocks_equal_the_whole_slice_and_a_smaller_halo_does_not(model, stack, tmp_path / "labels.zarr", 256, 128)
