@@ -584,7 +584,7 @@ def _winograd_kept(x_shape, f, padding, itemsize) -> dict:
     parts = _winograd_pieces(x_shape, f, padding, itemsize, t)
     kept = {}
     if len(parts) == 1:
-        (top, _), (left, right) = parts[0].padding
+        _, (left, right) = parts[0].padding
         v_bytes = (t + 2) ** 2 * c * n * int(np.prod(winograd.tiles(parts[0].out_rows[1] - parts[0].out_rows[0],
                                                                      x_shape[3] + left + right - 2, t))) * itemsize
         if v_bytes <= WINOGRAD_KEEP_BYTES:
