@@ -217,6 +217,29 @@ def test_a_training_forward_keeps_v_and_u_for_the_backward_up_to_a_size(tile, mo
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+@TILES
+def test_two_convs_in_a_row_keep_their_own_v(tile, monkeypatch):
+    """Each conv keeps a V of its own, not the workspace the next conv's forward overwrites:
+    through two Winograd convs the gradients with V and U kept are those computed again."""
+    monkeypatch.setattr(conv, "WINOGRAD_TILE", tile)
+    rng = np.random.default_rng(6)
+    first, second = Conv2d(16, 24, 3, seed=1, dtype=np.float64), Conv2d(24, 16, 3, seed=2, dtype=np.float64)
+    x, dy = rng.standard_normal((2, 16, 12, 10)), rng.standard_normal((2, 16, 12, 10))
+
+    def run():
+        y = second.forward(first.forward(x))
+        assert set(first._winograd) == set(second._winograd) == ({"v", "u"} if conv.WINOGRAD_KEEP_BYTES else set())
+        dx = first.backward(second.backward(dy))
+        return y, dx, first.grads["weight"].copy(), second.grads["weight"].copy()
+
+    with conv.using_method("winograd"):
+        kept = run()
+        monkeypatch.setattr(conv, "WINOGRAD_KEEP_BYTES", 0)
+        recomputed = run()
+    for a, b in zip(kept, recomputed):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_the_tile_follows_the_image_size():
     """F(4x4, 3x3) from WINOGRAD_TILE4_MIN_PIXELS output pixels (the U-Net's levels from 32x32),
     F(2x2, 3x3) below, where its 36 transformed weight copies would cost more than they save."""
