@@ -467,7 +467,7 @@ def test_choose_method_follows_the_benchmark():
     from tinyunet.layers.conv import choose_method
     same3, same2 = ((1, 1), (1, 1)), ((0, 1), (0, 1))
     assert choose_method(64, 2, (3, 3), same3, (1, 1)) == "shifted"      # the U-Net head
-    small = 8 * 8                                                           # below Winograd's size
+    small = 4 * 4                                                           # below Winograd's size
     assert choose_method(128, 64, (3, 3), same3, (1, 1), small) == "flip"       # F < C
     assert choose_method(128, 128, (3, 3), same3, (1, 1), small) == "im2col"    # F = C
     assert choose_method(1024, 512, (2, 2), same2, (1, 1)) == "flip"

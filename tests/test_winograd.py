@@ -147,6 +147,8 @@ def test_auto_chooses_winograd_for_wide_3x3_on_large_images_and_not_elsewhere():
     assert conv.choose_method(1024, 1024, (3, 3), same, (1, 1), 16 * 16) == "winograd"  # the bottom at 256x256
     assert conv.choose_method(1024, 1024, (3, 3), same, (1, 1), 8 * 8) == "im2col"      # ... at 128x128
     assert conv.choose_method(1024, 512, (3, 3), same, (1, 1), 8 * 8) == "flip"
+    assert conv.choose_method(256, 256, (3, 3), same, (1, 1), 8 * 8) == "winograd"  # a small U: SegNet's block 5
+    assert conv.choose_method(256, 256, (3, 3), same, (1, 1), 4 * 4) == "im2col"
     assert conv.choose_method(64, 64, (3, 3), same, (1, 1), 256 * 256, gpu=True) == "im2col"   # CPU-measured
     assert conv.choose_method(1, 64, (3, 3), same, (1, 1)) == "im2col"          # the first conv
     assert conv.choose_method(64, 2, (3, 3), same, (1, 1)) == "shifted"         # the head

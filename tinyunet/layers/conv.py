@@ -257,6 +257,15 @@ WINOGRAD_MIN_PIXELS = 16 * 16       # ... and output pixels: below, its 16 trans
                                     # the weights cost more than the products save (a 128x128
                                     # step with the 8x8 layers too: 786-810 ms against 677-748 ms
                                     # without; with the 16x16 layers: 677-748 against 738-788 ms)
+WINOGRAD_SMALL_MAX_U_BYTES = 8 * 2 ** 20   # ... but from 8x8 where F(2x2)'s U (16 F C floats)
+                                    # is at most this: such weights stay in cache and the products
+                                    # save more than U costs. One conv's forward + backward at 8x8,
+                                    # batch 2, two threads, im2col against Winograd: 64 -> 64 1.15-1.22
+                                    # against 0.76-0.83 ms, 128 -> 128 2.3-2.7 / 1.5-1.7, 256 -> 256
+                                    # 5.2-6.8 / 4.2-4.7, but 512 -> 512 20-21 / 20-24, 1024 -> 1024
+                                    # 75-95 / 64-75 (one thread 108 / 112): SegNet's block 5 at
+                                    # width 16 gains, the exact U-Net's bottom does not
+WINOGRAD_SMALL_MIN_PIXELS = 8 * 8
 WINOGRAD_TILE4_MIN_PIXELS = 32 * 32 # F(4x4, 3x3) from this many output pixels, F(2x2, 3x3) below:
                                     # its 36 transformed copies of the weights cost more than they
                                     # save on the 16x16 layers (512->512 forward+backward 29.8 ms
@@ -293,15 +302,19 @@ def choose_method(in_channels: int, out_channels: int, kernel, padding, stride, 
                   gpu: bool = False) -> str:
     """The method the benchmark found fastest (kernels/RESULTS.md, "conv methods"): 'shifted'
     for a handful of output channels; 'winograd' for 3x3 stride-1 convs of at least
-    WINOGRAD_MIN_CHANNELS channels on images of at least WINOGRAD_MIN_PIXELS output pixels
+    WINOGRAD_MIN_CHANNELS channels on images of at least WINOGRAD_MIN_PIXELS output pixels, or
+    WINOGRAD_SMALL_MIN_PIXELS for weights whose transform is small (WINOGRAD_SMALL_MAX_U_BYTES)
     (``pixels`` = OH*OW; None: large enough), on the CPU only (``gpu``: it was measured on the
     CPU; on a GPU the CUDA im2col kernels serve); 'flip' when F < C (its dy copy is then the
     smaller one; at F = C col2im's path measured as fast or faster); else 'im2col'."""
     if method_applies("shifted", kernel, padding, stride) and out_channels <= SHIFTED_MAX_OUT_CHANNELS \
             and tuple(kernel) != (1, 1):
         return "shifted"
+    small_transform = 16 * in_channels * out_channels * 4 <= WINOGRAD_SMALL_MAX_U_BYTES      # U, float32
+    large_enough = pixels is None or pixels >= WINOGRAD_MIN_PIXELS or (pixels >= WINOGRAD_SMALL_MIN_PIXELS
+                                                                       and small_transform)
     if method_applies("winograd", kernel, padding, stride) and min(in_channels, out_channels) >= WINOGRAD_MIN_CHANNELS \
-            and (pixels is None or pixels >= WINOGRAD_MIN_PIXELS) and not gpu:
+            and large_enough and not gpu:
         return "winograd"
     if method_applies("flip", kernel, padding, stride) and out_channels < in_channels:
         return "flip"
@@ -579,16 +592,15 @@ def _winograd_kept(x_shape, f, padding, itemsize) -> dict:
     """{'v': bytes, 'u': bytes} of what a training forward keeps for the backward: each of V
     (a^2, C, T) and U (a^2, F, C) that is at most WINOGRAD_KEEP_BYTES, V only when the conv is
     one piece (bands recompute theirs)."""
-    n, c = x_shape[:2]
+    n, c, h, w = x_shape
     t = _winograd_tile(x_shape, padding)
-    parts = _winograd_pieces(x_shape, f, padding, itemsize, t)
+    (pt, pb), (pl, pr) = padding
+    v_bytes = (t + 2) ** 2 * c * n * int(np.prod(winograd.tiles(h + pt + pb - 2, w + pl + pr - 2, t))) * itemsize
     kept = {}
-    if len(parts) == 1:
-        _, (left, right) = parts[0].padding
-        v_bytes = (t + 2) ** 2 * c * n * int(np.prod(winograd.tiles(parts[0].out_rows[1] - parts[0].out_rows[0],
-                                                                     x_shape[3] + left + right - 2, t))) * itemsize
-        if v_bytes <= WINOGRAD_KEEP_BYTES:
-            kept["v"] = v_bytes
+    # pieces() lists every image of a batch that does not fit: asked only for a small V, so that
+    # a huge batch (step_memory_bytes checks --batch 10**9) costs nothing to estimate
+    if v_bytes <= WINOGRAD_KEEP_BYTES and len(_winograd_pieces(x_shape, f, padding, itemsize, t)) == 1:
+        kept["v"] = v_bytes
     if (t + 2) ** 2 * f * c * itemsize <= WINOGRAD_KEEP_BYTES:
         kept["u"] = (t + 2) ** 2 * f * c * itemsize
     return kept
