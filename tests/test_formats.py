@@ -228,6 +228,14 @@ def test_safetensors_bad_files(tmp_path):
     (tmp_path / "foreign.safetensors").write_bytes(safetensors.numpy.save(tensors))
     with pytest.raises(SafetensorsFileError, match="no 'tinyunet.config' metadata.*pass it"):
         load_safetensors(tmp_path / "foreign.safetensors")
+    # a kind that is not tinyunet's, or one that does not match its config: named, and the way round it
+    config = target.config.to_json()
+    for kind, problem in (("resnet", r"unknown model 'resnet'"), ("segnet", r"SegNetConfig: unknown fields")):
+        (tmp_path / "kind.safetensors").write_bytes(safetensors.numpy.save(
+            tensors, metadata={"tinyunet.kind": kind, "tinyunet.config": config}))
+        with pytest.raises(SafetensorsFileError, match=rf"the saved config cannot be read \({problem}.*\); build the "
+                                                       r"model yourself and pass it"):
+            load_safetensors(tmp_path / "kind.safetensors")
     assert unchanged(target, before)
     assert load_safetensors(tmp_path / "foreign.safetensors", random_model(seed=6)) is not None
 

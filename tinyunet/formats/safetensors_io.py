@@ -92,7 +92,8 @@ def load_safetensors(path, model=None):
         try:
             config = config_from_dict(metadata.get(KIND_KEY, "unet"), json.loads(metadata[CONFIG_KEY]))
         except (TypeError, ValueError) as error:
-            raise SafetensorsFileError(f"{str(path)!r}: the saved config cannot be read ({error})") from None
+            raise SafetensorsFileError(f"{str(path)!r}: the saved config cannot be read ({error}); build the model "
+                                       f"yourself and pass it, load_safetensors(path, model)") from None
         model = model_from_config(config)
     own = _state(model)
     problems = [f"  {name}: expected {tuple(a.shape)}, found nothing" for name, a in own.items() if name not in tensors]
